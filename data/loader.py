@@ -1,0 +1,58 @@
+"""Batches of a split: dicts of tensors, histories cut to the longest row of the batch."""
+import math
+
+import torch
+
+
+class SeqBatches:
+    """Iterates a split in batches of `batch_size` rows.
+
+    Training batches are shuffled with a permutation drawn from `seed + epoch`
+    (call `set_epoch` before each epoch), so an epoch's order does not depend on
+    what ran before it; evaluation batches keep the file order. `rank` and
+    `world_size` shard each batch's rows (row r goes to rank r % world_size),
+    so the global batch is `batch_size` rows whatever the number of processes.
+    """
+
+    def __init__(self, split, batch_size, shuffle=False, seed=0, pad_len=None, rank=0, world_size=1):
+        self.split = split
+        self.n = len(split['item_id'])
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.pad_len = pad_len
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def order(self):
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        order = self.order()
+        for start in range(0, self.n, self.batch_size):
+            rows = order[start:start + self.batch_size][self.rank::self.world_size]
+            yield self.batch(rows)
+
+    def batch(self, rows):
+        lengths = self.split['item_seq_len'][rows]
+        width = max(int(lengths.max()), 1) if len(rows) else 1
+        out = {'item_seq': self.split['item_seq'][rows, :width],
+               'item_seq_len': lengths,
+               'item_id': self.split['item_id'][rows],
+               'row': rows}
+        if self.pad_len is not None:
+            out['pad_len'] = self.pad_len
+        return out
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,278 @@
+"""MISSRec: Pre-training and Transferring Multi-modal Interest-aware Sequence
+Representation for Recommendation (Wang et al., ACM MM 2023, arXiv 2308.11175).
+
+The model of SPEC section 3: an encoder over the user's distinct interest tokens
+(item-modality clusters), a decoder over the item sequence that cross-attends
+to them, and a dynamic fusion of per-modality item scores.
+
+API (RecBole style): `calculate_loss(batch) -> loss`, `full_sort_predict(batch)
+-> [B, N]`, `seq_output(...) -> ([B, H], reg)`, `interest_points()` and
+`set_interests(...)` for interest discovery.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_utils import Packer, SeqTransformer
+
+
+def unique_interests(ids):
+    """Per-row sorted distinct non-zero ids, left-aligned and right-padded with 0.
+
+    Args:
+        ids: long [B, X] interest ids (0 = none).
+    Returns:
+        (long [B, Qv] distinct non-zero ids, long [B] their counts), Qv >= 1.
+    """
+    s, _ = ids.sort(dim=1)                                             # [B, X]
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    keep = first & (s != 0)
+    counts = keep.sum(1)                                               # [B]
+    width = max(int(counts.max()), 1) if len(counts) else 1
+    slot = keep.cumsum(1) - 1                                          # target column of kept ids
+    out = s.new_zeros(s.shape[0], width + 1)
+    rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(s)
+    out[rows[keep], slot[keep]] = s[keep]
+    return out[:, :width], counts
+
+
+class MISSRec(SeqTransformer):
+    """MISSRec for stages pretrain, inductive_ft and transductive_ft.
+
+    Args:
+        config: `config.Config` (or a dict with the same keys).
+        n_items: number of item rows N including PAD row 0.
+        plm_table, img_table: float [N, plm_size] / [N, img_size] feature tables
+            for fine-tuning (row 0 zeros); None in pre-training.
+    """
+
+    def __init__(self, config, n_items, plm_table=None, img_table=None):
+        super().__init__(config, n_items)
+        self.train_stage = config['train_stage']
+        self.temperature = config['temperature']
+        self.lam = config['lambda']
+        self.gamma = config['gamma']
+        self.modal_type = config['modal_type']
+        self.id_type = config['id_type']
+        self.seq_mm_fusion = config['seq_mm_fusion']
+        self.item_mm_fusion = config['item_mm_fusion']
+        self.contextual_gather_quirk = config['contextual_gather_quirk']
+        self.modalities = [m for m in ('text', 'img') if m in self.modal_type]
+        self.use_id = self.train_stage == 'transductive_ft' and self.id_type != 'none'
+        if self.train_stage != 'transductive_ft':
+            self.item_embedding = None
+        if not self.modalities and not self.use_id:
+            raise ValueError(f"modal_type none needs train_stage transductive_ft with id_type id "
+                             f"(got train_stage {self.train_stage}, id_type {self.id_type})")
+
+        if self.train_stage != 'pretrain':
+            tables = {'text': plm_table, 'img': img_table}
+            for m in self.modalities:
+                if tables[m] is None:
+                    raise ValueError(f'modal_type {self.modal_type} needs the {m} feature table')
+                emb = nn.Embedding.from_pretrained(torch.as_tensor(tables[m], dtype=torch.float),
+                                                   freeze=True, padding_idx=0)
+                setattr(self, self._table_name(m), emb)
+                self.register_buffer(f'{self._table_name(m)}_empty_mask', ~emb.weight.data.sum(-1).bool())
+                self.register_buffer(f'{self._prefix(m)}_interest_lookup_table',
+                                     torch.zeros(n_items, dtype=torch.long))
+            points = len(self.modalities) * (n_items - 1)
+            self.num_interest = max(math.ceil(points * config['interest_ratio']), 1)
+            self.register_buffer('interest_embeddings', torch.zeros(self.num_interest + 1, self.hidden_size))
+
+        if len(self.modalities) == 2 and self.item_mm_fusion != 'static':
+            shape = (n_items,) if self.item_mm_fusion == 'dynamic_instance' else ()
+            self.fusion_factor = nn.Parameter(torch.zeros(shape))
+        if 'text' in self.modalities:
+            self.text_adaptor = nn.Linear(config['plm_size'], self.hidden_size)
+        if 'img' in self.modalities:
+            self.img_adaptor = nn.Linear(config['img_size'], self.hidden_size)
+
+    @staticmethod
+    def _table_name(m):
+        return 'plm_embedding' if m == 'text' else 'img_embedding'
+
+    @staticmethod
+    def _prefix(m):
+        return 'plm' if m == 'text' else 'img'
+
+    def adaptor(self, m):
+        return self.text_adaptor if m == 'text' else self.img_adaptor
+
+    # ------------------------------------------------------------------ tables
+    def adapted_tables(self):
+        """{modality: [N, H]} adaptor outputs of the whole feature tables (fine-tuning)."""
+        return {m: self.adaptor(m)(getattr(self, self._table_name(m)).weight) for m in self.modalities}
+
+    @torch.no_grad()
+    def interest_points(self):
+        """[M * (N-1), H] adapted item rows 1..N-1, text rows then image rows (SPEC 3.1)."""
+        tables = self.adapted_tables()
+        return torch.cat([tables[m][1:] for m in self.modalities], dim=0)
+
+    @torch.no_grad()
+    def set_interests(self, labels, centroids):
+        """Write k-means results: centroids to interest_embeddings[1:], labels+1 to the lookups."""
+        n = self.n_items - 1
+        self.interest_embeddings.zero_()
+        self.interest_embeddings[1:1 + len(centroids)] = centroids.to(self.interest_embeddings)
+        for i, m in enumerate(self.modalities):
+            table = getattr(self, f'{self._prefix(m)}_interest_lookup_table')
+            table.zero_()
+            table[1:] = labels[i * n:(i + 1) * n].to(table) + 1
+
+    def interest_ids(self, item_seq):
+        """[B, M*L] interest ids of every item and modality of the sequences."""
+        return torch.cat([getattr(self, f'{self._prefix(m)}_interest_lookup_table')[item_seq]
+                          for m in self.modalities], dim=1)
+
+    # ------------------------------------------------------------ sequence side
+    def seq_output(self, item_seq, item_seq_len, modal_emb, empty_masks, interest_ids, interest_table,
+                   pad_len=None):
+        """Interest-aware sequence representation (SPEC 3.2).
+
+        Args:
+            item_seq: long [B, L] left-aligned item ids, 0 = PAD.
+            item_seq_len: long [B].
+            modal_emb: {modality: (table float [R, H], index long [B, L])}: the adapted
+                feature of position (b, l) is table[index[b, l]].
+            empty_masks: {modality: bool [B, L]} True where the modality is missing.
+            interest_ids: long [B, X] interest ids of the sequence (0 = PAD interest).
+            interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
+            pad_len: the padded sequence length of the original code (the longest
+                history of the dataset); only the regulariser depends on it.
+        Returns:
+            (s float [B, H] L2-normalised, reg scalar tensor).
+        """
+        memory, reg = self._encode_interests(item_seq, item_seq_len, interest_ids, interest_table, pad_len)
+        tokens, packer, key_mask, query_rows, query_packer, n_out = self._decoder_tokens(
+            item_seq, item_seq_len, modal_emb, empty_masks)
+        out = self.decode(tokens, packer, key_mask, memory, query_rows, query_packer)   # [B*P, H]
+        out = out.view(item_seq.shape[0], n_out, -1).mean(1)                            # [B, H]
+        return F.normalize(out, dim=1), reg
+
+    def _encode_interests(self, item_seq, item_seq_len, interest_ids, interest_table, pad_len):
+        """Encoder over distinct interest tokens; returns (memory, reg).
+
+        The original pads each row's distinct ids to the longest row of the batch;
+        padded slots (and an explicit 0 id) hold the zero PAD interest and are
+        masked as keys, so all of them in a row produce one and the same output.
+        Only one such slot per row is computed; the regulariser counts it as
+        often as the original layout has padded slots.
+        """
+        if not self.modalities:
+            return None, item_seq.new_zeros((), dtype=torch.float)
+        ids, n_valid = unique_interests(interest_ids)                    # [B, Qv], [B]
+        b, qv = ids.shape
+        ids = torch.cat([ids, ids.new_zeros(b, 1)], dim=1)               # one PAD slot per row
+        key_mask = ids == 0                                              # [B, Qv+1]
+        slot = torch.arange(qv + 1, device=ids.device)
+        active = ~key_mask | (slot[None, :] == n_valid[:, None])
+        packer = Packer(active)
+        memory = self.encode_memory(interest_table[packer.pack(ids)], packer, key_mask)   # [T, H]
+
+        # Regulariser (SPEC 3.2 step 4) in the original's padded layout of Q slots.
+        full_len = item_seq.shape[1] if pad_len is None else pad_len
+        has_zero = (item_seq_len < full_len).long()                      # a padded item gives id 0
+        q_orig = int((n_valid + has_zero).max())
+        padded = packer.unpack(memory)                                   # [B, Qv+1, H]
+        valid_sum = (padded * (~key_mask).unsqueeze(-1)).sum(1)          # [B, H]
+        pad_out = padded.gather(1, n_valid.view(b, 1, 1).expand(b, 1, padded.shape[-1])).squeeze(1)
+        w = (n_valid.float() / q_orig).unsqueeze(-1)                     # [B, 1]
+        pooled = w * (valid_sum + (q_orig - n_valid).unsqueeze(-1).float() * pad_out)
+        reg = (pooled * pooled).sum() / pooled.shape[1]
+        return (memory, packer, key_mask), reg
+
+    def _decoder_tokens(self, item_seq, item_seq_len, modal_emb, empty_masks):
+        """Packed decoder inputs (SPEC 3.2 step 5) and the rows to read out (step 6)."""
+        b, l = item_seq.shape
+        pad = item_seq == 0                                              # [B, L]
+        last = (item_seq_len - 1).clamp(min=0)
+        rows = torch.arange(b, device=item_seq.device)
+        contextual = self.seq_mm_fusion == 'contextual' and self.modalities
+        if not contextual:
+            key_mask = pad
+            out_pos = last[:, None]                                      # [B, 1]
+        else:  # one token per (modality, position), flattened to [B, M*L]
+            key_mask = torch.cat([pad | empty_masks[m] for m in self.modalities], dim=1)
+            if self.contextual_gather_quirk:   # SPEC 3.2 QUIRK: lands in the text block
+                out_pos = last[:, None]
+            else:                              # the last item's token of every modality
+                out_pos = last[:, None] + l * torch.arange(len(self.modalities), device=last.device)[None]
+        active = ~key_mask
+        active[rows[:, None].expand_as(out_pos), out_pos] = True
+        packer = Packer(active)
+
+        # inputs of the active tokens only: features (+ ID) + position
+        flat = packer.index                                              # [T] into [B, M*L] or [B, L]
+        seq_pos = (flat // active.shape[1]) * l + flat % l               # [T] into [B, L]
+        x = self.position_embedding.weight[seq_pos % l]                   # [T, H]
+        if self.use_id:
+            x = x + self.item_embedding(item_seq.reshape(-1)[seq_pos])
+        if contextual:
+            modality = (flat % active.shape[1]) // l
+            for i, m in enumerate(self.modalities):
+                table, index = modal_emb[m]
+                x = x + table[index.reshape(-1)[seq_pos]] * (modality == i).unsqueeze(1)
+        else:
+            for m in self.modalities:
+                table, index = modal_emb[m]
+                x = x + table[index.reshape(-1)[seq_pos]]
+        tokens = self.dropout(self.LayerNorm(x))                         # [T, H]
+
+        # position of each output token inside the packed tokens
+        packed_index = active.reshape(-1).long().cumsum(0) - 1
+        query_rows = packed_index[(rows[:, None] * active.shape[1] + out_pos).reshape(-1)]
+        query_packer = Packer(torch.ones_like(out_pos, dtype=torch.bool))
+        return tokens, packer, key_mask, query_rows, query_packer, out_pos.shape[1]
+
+    # --------------------------------------------------------------- item side
+    def fused_logits(self, s, item_emb):
+        """Similarity of sequences s [B, H] to items {modality: [I, H]} (SPEC 3.3), before temperature.
+
+        `item_emb` may also hold 'id': [I, H] ID embeddings (transductive_ft)."""
+        if len(self.modalities) == 2:
+            per_modal = torch.stack([s @ F.normalize(item_emb[m], dim=1).t() for m in self.modalities],
+                                    dim=-1)                              # [B, I, 2]
+            if self.item_mm_fusion == 'static':
+                fused = per_modal.mean(-1)
+            else:
+                weight = F.softmax(per_modal * self.fusion_factor.unsqueeze(-1), dim=-1)
+                fused = (per_modal * weight).sum(-1)                     # [B, I]
+            if 'id' in item_emb:
+                fused = (s @ F.normalize(item_emb['id'], dim=1).t() + 2 * fused) / 3
+            return fused
+        emb = sum(item_emb[k] for k in item_emb)                         # one modality (+ id)
+        return s @ F.normalize(emb, dim=1).t()
+
+    # ---------------------------------------------------------- fine-tuning API
+    def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None):
+        modal_emb = {m: (tables[m], item_seq) for m in self.modalities}
+        empty = {m: getattr(self, f'{self._table_name(m)}_empty_mask')[item_seq] for m in self.modalities}
+        ids = self.interest_ids(item_seq) if self.modalities else None
+        table = self.interest_embeddings if self.modalities else None
+        return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, table, pad_len)
+
+    def _all_item_logits(self, batch):
+        tables = self.adapted_tables()                                   # [N, H] per modality
+        s, reg = self.finetune_seq_output(batch['item_seq'], batch['item_seq_len'], tables,
+                                          batch.get('pad_len'))
+        item_emb = dict(tables)
+        if self.use_id:
+            item_emb['id'] = self.item_embedding.weight
+        return self.fused_logits(s, item_emb) / self.temperature, reg
+
+    def calculate_loss(self, batch):
+        """CE over all N items (PAD column included, as in the original) + gamma * reg."""
+        if self.train_stage == 'pretrain':
+            raise NotImplementedError('pre-training loss: see ddp_pretrain.py')
+        logits, reg = self._all_item_logits(batch)
+        return self.loss_fct(logits, batch['item_id']) + self.gamma * reg
+
+    def full_sort_predict(self, batch):
+        """Scores [B, N] of every item (column 0 is the PAD item)."""
+        return self._all_item_logits(batch)[0]

@@ -1,0 +1,149 @@
+"""Transformer base of MISSRec and a packed forward pass over its weights.
+
+`SeqTransformer` owns the modules of the original base model with the same
+names (`item_embedding`, `position_embedding`, `trm_model`, `LayerNorm`,
+`dropout`), so checkpoints of the original code load unchanged.
+
+The forward pass does not call `nn.Transformer` on padded batches. It runs the
+same post-norm layers, with the same weights and the same dropout sites, on
+packed tokens: linear layers see only the positions whose output can reach the
+result (valid positions, plus the positions read at the end), and the last
+decoder layer computes its queries only at the output positions. Attention
+still uses the padded layout with key-padding masks, so the result equals the
+padded computation (tests/test_model.py checks this against `nn.Transformer`).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Packer:
+    """Moves between padded [B, L, C] tensors and packed [T, C] rows of `mask`."""
+
+    def __init__(self, mask):
+        self.shape = mask.shape                                       # (B, L)
+        self.index = mask.reshape(-1).nonzero().squeeze(1)            # [T]
+
+    def pack(self, x):
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, t):
+        b, l = self.shape
+        out = t.new_zeros(b * l, *t.shape[1:])
+        return out.index_copy(0, self.index, t).view(b, l, *t.shape[1:])
+
+
+def _heads(x, n_heads):
+    b, l, h = x.shape
+    return x.view(b, l, n_heads, h // n_heads).transpose(1, 2)        # [B, nh, L, d]
+
+
+def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, training):
+    """Multi-head attention of `mha`'s weights on packed tokens.
+
+    Args:
+        q_tokens: [Tq, H] packed queries; kv_tokens: [Tk, H] packed keys/values.
+        key_padding_mask: [B, Lk] True where a key is ignored.
+    Returns:
+        [Tq, H] attention output (after the output projection), packed like the queries.
+    """
+    h = mha.embed_dim
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    q = q_packer.unpack(F.linear(q_tokens, w[:h], b[:h]))              # [B, Lq, H]
+    kv = kv_packer.unpack(F.linear(kv_tokens, w[h:], b[h:]))           # [B, Lk, 2H]
+    k, v = kv.chunk(2, dim=-1)
+    q, k, v = (_heads(t, mha.num_heads) for t in (q, k, v))
+    allowed = ~key_padding_mask[:, None, None, :]                      # [B, 1, 1, Lk]
+    p = mha.dropout if training else 0.0
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+    ctx = ctx.transpose(1, 2).reshape(q.shape[0], -1, h)               # [B, Lq, H]
+    return F.linear(q_packer.pack(ctx), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def feed_forward(layer, x):
+    return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+
+
+def encoder_layer(layer, x, packer, key_padding_mask, training):
+    """One post-norm nn.TransformerEncoderLayer on packed tokens x [T, H]."""
+    x = layer.norm1(x + layer.dropout1(attention(layer.self_attn, x, packer, x, packer,
+                                                 key_padding_mask, training)))
+    return layer.norm2(x + layer.dropout2(feed_forward(layer, x)))
+
+
+def decoder_layer(layer, x, packer, key_padding_mask, memory, query_rows=None, query_packer=None,
+                  training=False):
+    """One post-norm nn.TransformerDecoderLayer on packed tokens x [T, H].
+
+    Keys and values of self-attention come from all of x; queries from
+    `x[query_rows]` when given (the last layer only needs the output positions).
+    `memory` is (tokens [Tm, H], packer, key_padding_mask [B, Lm]) or None for
+    an empty memory, whose attention context is zero.
+    """
+    q, q_packer = (x, packer) if query_rows is None else (x.index_select(0, query_rows), query_packer)
+    q = layer.norm1(q + layer.dropout1(attention(layer.self_attn, q, q_packer, x, packer,
+                                                 key_padding_mask, training)))
+    if memory is None:
+        cross = layer.multihead_attn.out_proj.bias.expand_as(q)
+    else:
+        mem, mem_packer, mem_mask = memory
+        cross = attention(layer.multihead_attn, q, q_packer, mem, mem_packer, mem_mask, training)
+    q = layer.norm2(q + layer.dropout2(cross))
+    return layer.norm3(q + layer.dropout3(feed_forward(layer, q)))
+
+
+class SeqTransformer(nn.Module):
+    """The original `model_utils.Transformer` base: modules, names and initialisation."""
+
+    def __init__(self, config, n_items):
+        super().__init__()
+        self.n_items = n_items
+        self.n_layers = config['n_layers']
+        self.hidden_size = config['hidden_size']
+        self.initializer_range = config['initializer_range']
+        self.max_seq_length = config['MAX_ITEM_LIST_LENGTH']
+
+        self.item_embedding = nn.Embedding(n_items, self.hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
+        self.trm_model = nn.Transformer(
+            d_model=self.hidden_size, nhead=config['n_heads'],
+            num_encoder_layers=self.n_layers // 2, num_decoder_layers=self.n_layers // 2,
+            dim_feedforward=config['inner_size'], dropout=config['hidden_dropout_prob'],
+            activation=config['hidden_act'], layer_norm_eps=config['layer_norm_eps'],
+            batch_first=True, norm_first=False)
+        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=config['layer_norm_eps'])
+        self.dropout = nn.Dropout(config['hidden_dropout_prob'])
+        self.loss_fct = nn.CrossEntropyLoss()
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # The attention in_proj_weight is not a Linear and keeps torch's xavier init.
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+
+    def encode_memory(self, tokens, packer, key_padding_mask):
+        """Encoder stack (with its final norm) on packed interest tokens [T, H]."""
+        x = tokens
+        for layer in self.trm_model.encoder.layers:
+            x = encoder_layer(layer, x, packer, key_padding_mask, self.training)
+        return self.trm_model.encoder.norm(x)
+
+    def decode(self, tokens, packer, key_padding_mask, memory, query_rows, query_packer):
+        """Decoder stack (with its final norm); returns [Tq, H] at `query_rows` of the packed tokens."""
+        layers = self.trm_model.decoder.layers
+        x = tokens
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            x = decoder_layer(layer, x, packer, key_padding_mask, memory,
+                              query_rows if last else None, query_packer if last else None,
+                              self.training)
+        return self.trm_model.decoder.norm(x)
