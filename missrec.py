@@ -210,18 +210,19 @@ class MISSRec(SeqTransformer):
         # inputs of the active tokens only: features (+ ID) + position
         flat = packer.index                                              # [T] into [B, M*L] or [B, L]
         seq_pos = (flat // active.shape[1]) * l + flat % l               # [T] into [B, L]
-        x = self.position_embedding.weight[seq_pos % l]                   # [T, H]
+        # index_select: its backward is a fast index_add (indexing's is a slow accumulate)
+        x = self.position_embedding.weight.index_select(0, seq_pos % l)     # [T, H]
         if self.use_id:
-            x = x + self.item_embedding(item_seq.reshape(-1)[seq_pos])
+            x = x + self.item_embedding.weight.index_select(0, item_seq.reshape(-1)[seq_pos])
         if contextual:
             modality = (flat % active.shape[1]) // l
             for i, m in enumerate(self.modalities):
                 table, index = modal_emb[m]
-                x = x + table[index.reshape(-1)[seq_pos]] * (modality == i).unsqueeze(1)
+                x = x + table.index_select(0, index.reshape(-1)[seq_pos]) * (modality == i).unsqueeze(1)
         else:
             for m in self.modalities:
                 table, index = modal_emb[m]
-                x = x + table[index.reshape(-1)[seq_pos]]
+                x = x + table.index_select(0, index.reshape(-1)[seq_pos])
         tokens = self.dropout(self.LayerNorm(x))                         # [T, H]
 
         # position of each output token inside the packed tokens

@@ -1,0 +1,208 @@
+"""The model of SPEC 3 against literal padded re-statements (tests/reference.py)."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tests.reference as ref
+from config import Config
+from finetune import load_pretrained
+from missrec import MISSRec, unique_interests
+
+N = 40
+
+
+def tables(seed=0, n=N, dim=512):
+    g = torch.Generator().manual_seed(seed)
+    plm, img = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    plm[0] = img[0] = 0
+    plm[5] = 0            # item 5 has no text
+    img[7] = 0            # item 7 has no image
+    return plm, img
+
+
+def small_model(seed=0, **overrides):
+    cfg = Config(overrides=dict(dict(hidden_size=64, inner_size=32, n_heads=4), **overrides))
+    torch.manual_seed(seed)
+    plm, img = tables(seed)
+    model = MISSRec(cfg, N, plm, img).eval()
+    if hasattr(model, 'fusion_factor'):
+        with torch.no_grad():
+            model.fusion_factor.add_(torch.randn_like(model.fusion_factor))
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, 6, (len(model.modalities) * (N - 1),), generator=g)
+    model.set_interests(labels, torch.randn(model.num_interest, 64, generator=g))
+    return model
+
+
+def batch(seed=0, lengths=(1, 3, 9, 2, 5, 9, 4), width=9):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    seq = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        seq[i, :n] = torch.randint(1, N, (n,), generator=g)
+    seq[1, 0], seq[2, 3] = 5, 7          # missing modalities inside histories
+    return seq, lens
+
+
+CASES = list(itertools.product(['transductive_ft', 'inductive_ft'],
+                               ['static', 'dynamic_shared', 'dynamic_instance'],
+                               ['add', 'contextual'], ['img_text', 'text', 'img']))
+
+
+@pytest.mark.parametrize('stage,item_fusion,seq_fusion,modal', CASES)
+def test_packed_forward_equals_padded_nn_transformer(stage, item_fusion, seq_fusion, modal):
+    model = small_model(train_stage=stage, item_mm_fusion=item_fusion, seq_mm_fusion=seq_fusion,
+                        modal_type=modal)
+    seq, lens = batch()
+    with torch.no_grad():
+        s, reg = model.finetune_seq_output(seq, lens, model.adapted_tables())
+        s_ref, reg_ref = ref.seq_output(model, seq, lens)
+        scores = model.full_sort_predict({'item_seq': seq, 'item_seq_len': lens})
+        scores_ref = ref.scores(model, s_ref)
+    assert torch.allclose(s, s_ref, atol=1e-5)
+    assert torch.allclose(reg, reg_ref, rtol=1e-5)
+    assert torch.allclose(scores, scores_ref, atol=1e-4)
+
+
+def test_loss_equals_reference_cross_entropy_plus_regulariser():
+    model = small_model()
+    seq, lens = batch()
+    target = torch.tensor([3, 1, 8, 0, 12, 39, 2])      # PAD column 0 is a valid class in training
+    with torch.no_grad():
+        loss = model.calculate_loss({'item_seq': seq, 'item_seq_len': lens, 'item_id': target})
+        s_ref, reg_ref = ref.seq_output(model, seq, lens)
+        expected = F.cross_entropy(ref.scores(model, s_ref), target) + model.gamma * reg_ref
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_trailing_padding_does_not_change_the_representation():
+    model = small_model()
+    seq, lens = batch()
+    wide = torch.cat([seq, torch.zeros(seq.shape[0], 20, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        s, _ = model.finetune_seq_output(seq, lens, model.adapted_tables())
+        s_wide, _ = model.finetune_seq_output(wide, lens, model.adapted_tables())
+    assert torch.allclose(s, s_wide, atol=1e-6)
+
+
+def test_regulariser_in_the_original_padded_layout():
+    """With pad_len, reg equals the padded original exactly; without it the
+    difference (one PAD slot more or less per row) stays small."""
+    model = small_model()
+    seq, lens = batch()
+    pad_len = 30
+    padded = torch.cat([seq, torch.zeros(seq.shape[0], pad_len - seq.shape[1], dtype=torch.long)], 1)
+    with torch.no_grad():
+        _, reg_orig = ref.seq_output(model, padded, lens)
+        _, reg = model.finetune_seq_output(seq, lens, model.adapted_tables(), pad_len=pad_len)
+        _, reg_trimmed = model.finetune_seq_output(seq, lens, model.adapted_tables())
+    assert torch.allclose(reg, reg_orig, rtol=1e-5)
+    assert abs(float(reg_trimmed - reg_orig)) / float(reg_orig) < 0.25
+    # weighted by gamma = 1e-4 in the loss, the difference is negligible
+    assert model.gamma * abs(float(reg_trimmed - reg_orig)) < 1e-2
+
+
+def test_unique_interests_equals_per_row_unique():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 9, (50, 14), generator=g)
+    ids[4] = 0
+    ids[4, 2] = 5
+    out, counts = unique_interests(ids)
+    for row, o, c in zip(ids, out, counts):
+        expected = [v for v in row.unique().tolist() if v != 0]
+        assert o[:c].tolist() == expected and c == len(expected)
+        assert (o[c:] == 0).all()
+
+
+def test_interest_tables_are_written_as_spec():
+    model = small_model()
+    n = N - 1
+    labels = torch.arange(2 * n) % model.num_interest
+    centroids = torch.randn(model.num_interest, 64)
+    model.set_interests(labels, centroids)
+    assert model.plm_interest_lookup_table[0] == 0 and model.img_interest_lookup_table[0] == 0
+    assert torch.equal(model.plm_interest_lookup_table[1:], labels[:n] + 1)
+    assert torch.equal(model.img_interest_lookup_table[1:], labels[n:] + 1)
+    assert torch.equal(model.interest_embeddings[0], torch.zeros(64))
+    assert torch.equal(model.interest_embeddings[1:], centroids)
+    assert model.num_interest == 2 * n * 0.5 // 1
+
+
+def test_empty_modality_masks():
+    model = small_model()
+    assert model.plm_embedding_empty_mask.tolist() == [i in (0, 5) for i in range(N)]
+    assert model.img_embedding_empty_mask.tolist() == [i in (0, 7) for i in range(N)]
+
+
+ORIGINAL_KEYS = (
+    ['item_embedding.weight', 'position_embedding.weight'] +
+    [f'trm_model.encoder.layers.0.{p}' for p in (
+        'self_attn.in_proj_weight', 'self_attn.in_proj_bias', 'self_attn.out_proj.weight',
+        'self_attn.out_proj.bias', 'linear1.weight', 'linear1.bias', 'linear2.weight', 'linear2.bias',
+        'norm1.weight', 'norm1.bias', 'norm2.weight', 'norm2.bias')] +
+    ['trm_model.encoder.norm.weight', 'trm_model.encoder.norm.bias'] +
+    [f'trm_model.decoder.layers.0.{p}' for p in (
+        'self_attn.in_proj_weight', 'self_attn.in_proj_bias', 'self_attn.out_proj.weight',
+        'self_attn.out_proj.bias', 'multihead_attn.in_proj_weight', 'multihead_attn.in_proj_bias',
+        'multihead_attn.out_proj.weight', 'multihead_attn.out_proj.bias', 'linear1.weight',
+        'linear1.bias', 'linear2.weight', 'linear2.bias', 'norm1.weight', 'norm1.bias',
+        'norm2.weight', 'norm2.bias', 'norm3.weight', 'norm3.bias')] +
+    ['trm_model.decoder.norm.weight', 'trm_model.decoder.norm.bias', 'LayerNorm.weight',
+     'LayerNorm.bias', 'fusion_factor', 'plm_embedding.weight', 'img_embedding.weight',
+     'text_adaptor.weight', 'text_adaptor.bias', 'img_adaptor.weight', 'img_adaptor.bias',
+     'plm_embedding_empty_mask', 'img_embedding_empty_mask', 'plm_interest_lookup_table',
+     'img_interest_lookup_table', 'interest_embeddings'])
+
+
+def test_state_dict_with_the_original_names_loads_strictly():
+    model = small_model()
+    assert set(model.state_dict()) == set(ORIGINAL_KEYS)
+    other = small_model(seed=5)
+    result = model.load_state_dict({k: other.state_dict()[k] for k in ORIGINAL_KEYS}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_scientific_sized_frozen_model_has_1624201_trainable_parameters(tmp_path):
+    n_items = 4386
+    pretrain = MISSRec(Config(overrides={'train_stage': 'pretrain'}), n_items)
+    path = tmp_path / 'pt.pth'
+    torch.save({'state_dict': pretrain.state_dict()}, path)
+    plm = torch.randn(n_items, 512)
+    model = MISSRec(Config(), n_items, plm, plm.clone())
+    load_pretrained(model, str(path), freeze=True)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_624_201
+    assert torch.equal(model.trm_model.encoder.layers[0].linear1.weight,
+                       pretrain.trm_model.encoder.layers[0].linear1.weight)
+
+
+def test_initialisation_follows_the_original_base():
+    model = MISSRec(Config(), N, *tables())
+    assert torch.equal(model.item_embedding.weight[0], torch.zeros(300))
+    assert abs(float(model.item_embedding.weight[1:].detach().std()) - 0.02) < 0.003
+    lin = model.trm_model.encoder.layers[0].linear1
+    assert abs(float(lin.weight.detach().std()) - 0.02) < 0.003 and torch.equal(lin.bias, torch.zeros_like(lin.bias))
+    # adaptors are created after the base initialisation: torch's default Linear init
+    bound = 1 / 512 ** 0.5
+    assert float(model.text_adaptor.weight.abs().max()) <= bound and float(model.text_adaptor.bias.abs().max()) > 0
+    assert float(model.fusion_factor) == 0.0
+
+
+def test_training_step_reaches_every_trainable_parameter():
+    model = small_model().train()
+    seq, lens = batch()
+    loss = model.calculate_loss({'item_seq': seq, 'item_seq_len': lens, 'item_id': torch.arange(7)})
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_modal_type_none_uses_ids_only():
+    model = small_model(modal_type='none')
+    seq, lens = batch()
+    with torch.no_grad():
+        scores = model.full_sort_predict({'item_seq': seq, 'item_seq_len': lens})
+    assert scores.shape == (7, N) and torch.isfinite(scores).all()
+    assert not hasattr(model, 'text_adaptor') and not hasattr(model, 'img_adaptor')

@@ -1,0 +1,122 @@
+"""Small shared helpers for the data tools: atomic writes and a one-line error type.
+
+Example (from Python): ``with atomic_open("out.txt") as fp: fp.write("x")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Callable, Iterator, List, Optional
+
+
+class ToolError(Exception):
+    """A user-facing error: ``main()`` prints ``error: <message>`` (one line) and exits 2."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator:
+    """Open a temp file in the same folder as ``path``; on success flush, fsync and
+    ``os.replace`` it onto ``path``; on any exception remove it (``path`` untouched)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding,
+                       **({} if binary else {"newline": "\n"})) as fp:
+            yield fp
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_open(path, "w") as fp:
+        fp.write(text)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb") as fp:
+        fp.write(data)
+
+
+class AtomicGroup:
+    """Stage several outputs as temp files, then move them all into place with
+    ``commit()``; ``abort()`` (or an exception inside ``with``) removes them all, so
+    a failing run leaves none of the final files written."""
+
+    def __init__(self) -> None:
+        self._staged: List[tuple] = []
+
+    def stage(self, path: str, writer: Callable, mode: str = "w") -> None:
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        self._staged.append((tmp, path))
+        binary = "b" in mode
+        with os.fdopen(fd, mode, encoding=None if binary else "utf-8",
+                       **({} if binary else {"newline": "\n"})) as fp:
+            writer(fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+
+    def stage_copy(self, src: str, path: str, link: bool = False) -> None:
+        """Stage a copy of ``src`` (a hard link when ``link`` and the file system allows)."""
+        import shutil
+
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        if link:
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.link.tmp")
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            try:
+                os.link(src, tmp)
+                self._staged.append((tmp, path))
+                return
+            except OSError:
+                pass
+        with open(src, "rb") as fin:
+            self.stage(path, lambda fp: shutil.copyfileobj(fin, fp, 1 << 20), mode="wb")
+
+    def commit(self) -> None:
+        for tmp, path in self._staged:
+            os.replace(tmp, path)
+        self._staged = []
+
+    def abort(self) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        self._staged = []
+
+    def __enter__(self) -> "AtomicGroup":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def run_main(fn: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
+    """Call ``fn(argv)``; turn a ToolError into ``error: ...`` on stderr and exit code 2."""
+    try:
+        return fn(argv) or 0
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,372 @@
+"""Extract CLIP text/image features of a processed dataset's items (.feat1CLS/.feat2CLS/.feat3CLS).
+
+Example:
+    python tools/extract_features.py --data datasets/downstream/Scientific --images images/Scientific \
+        --model openai/clip-vit-base-patch32 --batch-size 64
+
+Reads ``{name}.item2index`` (row r of every output = item index r) and ``{name}.text``
+(``item_id:token\\ttext:token_seq``, keyed by the raw item id or by the item index)
+in ``--data`` (``--name`` defaults to the folder's name) and writes:
+
+* ``{name}.feat1CLS``: CLIP text features (``get_text_features``) of each item's text;
+* ``{name}.feat2CLS``: the same after dropping each word with probability
+  ``--word-drop`` (0.2; seeded per item by ``--seed``, at least one word kept);
+* ``{name}.feat3CLS``: CLIP image features (``get_image_features``) of each item's image:
+  ``{images}/{index}.jpg`` (or .jpeg/.png), else the file named like the url's last
+  path part in ``--image-cache`` (urls from ``{name}.image_urls``; nothing is downloaded).
+
+Each file: raw little-endian float32, ``projection_dim`` columns, no header. An item
+without text or without a readable image gets a zero row (= modality missing) and is
+counted in the summary. Rows are written in order to ``{file}.partial`` with a
+``{file}.partial.json`` progress sidecar; a rerun with the same settings continues
+after the last complete batch, and the file gets its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `tools` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+from tqdm import tqdm
+
+from tools._io import ToolError, atomic_write_text, run_main
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".webp")
+
+
+class FormatError(ToolError):
+    def __init__(self, path: str, lineno: int, msg: str):
+        super().__init__(f"{path}:{lineno}: {msg}")
+
+
+# --------------------------------------------------------------------------- inputs
+def read_item2index(path: str) -> Dict[str, int]:
+    if not os.path.isfile(path):
+        raise ToolError(f"{path}: item2index file not found")
+    mapping: Dict[str, int] = {}
+    with open(path, "r", encoding="utf-8") as fp:
+        for lineno, line in enumerate(fp, 1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise FormatError(path, lineno, "expected 'raw_id<TAB>index' with a non-negative integer index")
+            mapping[parts[0]] = int(parts[1])
+    n = len(mapping)
+    if sorted(mapping.values()) != list(range(n)):
+        raise ToolError(f"{path}: expected the indices 0..{n - 1}, each once")
+    return mapping
+
+
+def read_texts(path: str, item2index: Dict[str, int]) -> List[Optional[str]]:
+    """Text of each item index (None when the item has no row)."""
+    if not os.path.isfile(path):
+        raise ToolError(f"{path}: text file not found")
+    n = len(item2index)
+    texts: List[Optional[str]] = [None] * n
+    with open(path, "r", encoding="utf-8") as fp:
+        for lineno, line in enumerate(fp, 1):
+            line = line.rstrip("\r\n")
+            if lineno == 1:
+                if not line.startswith("item_id:token\t"):
+                    raise FormatError(path, 1, "expected the header 'item_id:token<TAB>text:token_seq'")
+                continue
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise FormatError(path, lineno, f"expected 2 tab-separated fields item_id, text; got {len(parts)}")
+            key, text = parts
+            if key in item2index:
+                idx = item2index[key]
+            elif key.isdigit() and int(key) < n:
+                idx = int(key)
+            else:
+                continue  # an item that did not survive filtering
+            texts[idx] = text
+    return texts
+
+
+def read_image_urls(path: str, n: int) -> List[str]:
+    urls = [""] * n
+    if not os.path.isfile(path):
+        return urls
+    with open(path, "r", encoding="utf-8") as fp:
+        for lineno, line in enumerate(fp, 1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= n:
+                raise FormatError(path, lineno, f"expected 'index<TAB>url' with an index below {n}")
+            urls[int(parts[0])] = parts[1]
+    return urls
+
+
+def word_drop(text: str, ratio: float, seed: int, index: int) -> str:
+    """Drop each word with probability ``ratio`` (deterministic per (seed, item index))."""
+    words = text.split()
+    if not words or ratio <= 0:
+        return text
+    rng = np.random.default_rng([seed, index])
+    keep = rng.random(len(words)) >= ratio
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return " ".join(w for w, k in zip(words, keep) if k)
+
+
+def image_path(index: int, images: Optional[str], cache: Optional[str], url: str) -> Optional[str]:
+    if images:
+        for ext in IMAGE_EXTS:
+            p = os.path.join(images, f"{index}{ext}")
+            if os.path.isfile(p):
+                return p
+    if cache and url:
+        base = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        p = os.path.join(cache, base)
+        if base and os.path.isfile(p):
+            return p
+    return None
+
+
+# --------------------------------------------------------------------------- model
+class Clip:
+    def __init__(self, model: str, device: Optional[str] = None):
+        try:
+            import torch
+            from transformers import AutoTokenizer, CLIPModel
+        except ImportError as e:
+            raise ToolError(f"feature extraction needs torch and transformers ({e}); "
+                            f"pip install -r requirements-tools.txt") from None
+        self.torch = torch
+        self.name = model
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise ToolError(f"cannot load CLIP model/tokenizer from {model!r}: {str(e).splitlines()[0]}") from None
+        self.dim = int(self.model.config.projection_dim)
+        limit = int(self.model.config.text_config.max_position_embeddings)
+        self.max_len = min(limit, int(getattr(self.tokenizer, "model_max_length", limit) or limit))
+        self._image_processor = None
+
+    @staticmethod
+    def _out(x):
+        return x if hasattr(x, "shape") else x.pooler_output  # transformers 5 returns a model output
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with self.torch.no_grad():
+            out = self._out(self.model.get_text_features(**enc))
+        return out.float().cpu().numpy()
+
+    def image_features(self, images) -> np.ndarray:
+        if self._image_processor is None:
+            try:
+                from transformers import CLIPImageProcessor
+                self._image_processor = CLIPImageProcessor.from_pretrained(self.name)
+            except (OSError, ValueError) as e:
+                raise ToolError(f"cannot load the CLIP image processor from {self.name!r}: "
+                                f"{str(e).splitlines()[0]}") from None
+        px = self._image_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        with self.torch.no_grad():
+            out = self._out(self.model.get_image_features(pixel_values=px))
+        return out.float().cpu().numpy()
+
+
+def load_image(path: Optional[str]):
+    """PIL RGB image, or None when the file is missing or unreadable."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception:  # PIL raises many types for corrupt files
+        return None
+
+
+# ---------------------------------------------------------------------- resumable file
+def _run_feature(final: str, n: int, dim: int, batch_size: int, settings: dict,
+                 compute: Callable[[int, int], np.ndarray], desc: str,
+                 after_batch: Optional[Callable[[str, int], None]] = None) -> None:
+    """Fill ``final`` with n x dim float32 rows computed by ``compute(start, stop)``,
+    through ``final.partial`` + ``final.partial.json``; resume when the sidecar matches."""
+    partial, sidecar = final + ".partial", final + ".partial.json"
+    row_bytes = dim * 4
+    done = 0
+    if os.path.isfile(partial) and os.path.isfile(sidecar):
+        try:
+            with open(sidecar, "r", encoding="utf-8") as fp:
+                state = json.load(fp)
+        except (OSError, ValueError):
+            state = {}
+        if state.get("settings") == settings and isinstance(state.get("rows_done"), int) \
+                and os.path.getsize(partial) >= state["rows_done"] * row_bytes:
+            done = state["rows_done"]
+    mode = "r+b" if done else "wb"
+    with open(partial, mode) as fp:
+        fp.truncate(done * row_bytes)
+        fp.seek(done * row_bytes)
+        bar = tqdm(total=n, initial=done, desc=desc, unit=" items", mininterval=1)
+        for start in range(done, n, batch_size):
+            stop = min(n, start + batch_size)
+            rows = np.ascontiguousarray(compute(start, stop), dtype="<f4")
+            if rows.shape != (stop - start, dim):
+                raise ToolError(f"{desc}: model returned shape {rows.shape}, expected {(stop - start, dim)}")
+            fp.write(rows.tobytes())
+            fp.flush()
+            os.fsync(fp.fileno())
+            atomic_write_text(sidecar, json.dumps({"rows_done": stop, "settings": settings}))
+            bar.update(stop - start)
+            if after_batch is not None:
+                after_batch(desc, stop)
+        bar.close()
+    os.replace(partial, final)
+    os.remove(sidecar)
+
+
+def extract(data: str, name: Optional[str] = None, model: str = "openai/clip-vit-base-patch32",
+            images: Optional[str] = None, image_cache: Optional[str] = None, features: Sequence[int] = (1, 2, 3),
+            batch_size: int = 64, word_drop_ratio: float = 0.2, seed: int = 2020, device: Optional[str] = None,
+            overwrite: bool = False, after_batch: Optional[Callable[[str, int], None]] = None,
+            quiet: bool = False) -> dict:
+    name = name or os.path.basename(os.path.normpath(data))
+    base = os.path.join(data, name)
+    item2index = read_item2index(base + ".item2index")
+    n = len(item2index)
+    if n == 0:
+        raise ToolError(f"{base}.item2index: no items")
+    texts = read_texts(base + ".text", item2index) if {1, 2} & set(features) else []
+    urls = read_image_urls(base + ".image_urls", n) if 3 in features else []
+    if 3 in features:
+        if images and not os.path.isdir(images):
+            raise ToolError(f"{images}: image folder not found")
+        if image_cache and not os.path.isdir(image_cache):
+            raise ToolError(f"{image_cache}: image cache folder not found")
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ToolError("image features need pillow (pip install pillow)") from None
+    todo = [f for f in sorted(set(features)) if overwrite or not os.path.isfile(f"{base}.feat{f}CLS")]
+    summary: dict = {"items": n}
+    for f in sorted(set(features) - set(todo)):
+        summary[f"feat{f}CLS"] = "exists"
+        if not quiet:
+            print(f"{base}.feat{f}CLS exists, skipped (use --overwrite)")
+    if not todo:
+        return summary
+    clip = Clip(model, device)
+    dim = clip.dim
+    common = {"model": model, "n_items": n, "dim": dim, "batch_size": batch_size}
+
+    def text_compute(drop: bool):
+        def compute(start, stop):
+            out = np.zeros((stop - start, dim), dtype=np.float32)
+            idx = [i for i in range(start, stop) if texts[i] and texts[i].strip()]
+            if idx:
+                batch = [word_drop(texts[i], word_drop_ratio, seed, i) if drop else texts[i] for i in idx]
+                out[[i - start for i in idx]] = clip.text_features(batch)
+            return out
+        return compute
+
+    missing_images = unreadable_images = 0
+
+    def image_compute(start, stop):
+        nonlocal missing_images, unreadable_images
+        out = np.zeros((stop - start, dim), dtype=np.float32)
+        loaded, idx = [], []
+        for i in range(start, stop):
+            path = image_path(i, images, image_cache, urls[i])
+            if path is None:
+                missing_images += 1
+                continue
+            im = load_image(path)
+            if im is None:
+                unreadable_images += 1
+                continue
+            loaded.append(im)
+            idx.append(i - start)
+        if loaded:
+            out[idx] = clip.image_features(loaded)
+        return out
+
+    n_no_text = sum(1 for t in texts if not (t and t.strip())) if texts else 0
+    for f in todo:
+        final = f"{base}.feat{f}CLS"
+        if f == 1:
+            _run_feature(final, n, dim, batch_size, dict(common, kind="text"), text_compute(False),
+                         f"feat1CLS", after_batch)
+            summary["feat1CLS_zero_rows"] = n_no_text
+        elif f == 2:
+            _run_feature(final, n, dim, batch_size,
+                         dict(common, kind="text_word_drop", word_drop=word_drop_ratio, seed=seed),
+                         text_compute(True), f"feat2CLS", after_batch)
+            summary["feat2CLS_zero_rows"] = n_no_text
+        elif f == 3:
+            _run_feature(final, n, dim, batch_size, dict(common, kind="image", images=images, cache=image_cache),
+                         image_compute, f"feat3CLS", after_batch)
+            summary["feat3CLS_missing_images"] = missing_images
+            summary["feat3CLS_unreadable_images"] = unreadable_images
+        else:
+            raise ToolError(f"unknown feature number {f} (expected 1, 2 or 3)")
+    summary["dim"] = dim
+    if not quiet:
+        msg = [f"{name}: {n} items, {dim} columns, model {model} on {clip.device}"]
+        if "feat1CLS_zero_rows" in summary or "feat2CLS_zero_rows" in summary:
+            msg.append(f"items without text (zero rows): {n_no_text}")
+        if "feat3CLS_missing_images" in summary:
+            msg.append(f"items without image (zero rows): {missing_images} missing + {unreadable_images} unreadable"
+                       f" (only counts items processed in this run)")
+        print("; ".join(msg))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="processed dataset folder (holds {name}.text, {name}.item2index)")
+    p.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
+    p.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP model folder or hub name")
+    p.add_argument("--images", default=None, help="folder with {item_index}.jpg images")
+    p.add_argument("--image-cache", default=None, help="folder of images named like the last part of their url")
+    p.add_argument("--features", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                   help="which files to write: 1 text, 2 word-dropped text, 3 image (default all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--word-drop", type=float, default=0.2, help="word drop probability for feat2CLS")
+    p.add_argument("--seed", type=int, default=2020)
+    p.add_argument("--device", default=None, help="torch device (default cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    def _run(a):
+        args = build_parser().parse_args(a)
+        if args.batch_size < 1:
+            raise ToolError("--batch-size must be >= 1")
+        if not 0 <= args.word_drop < 1:
+            raise ToolError("--word-drop must be in [0, 1)")
+        if 3 in args.features and not (args.images or args.image_cache):
+            raise ToolError("image features (3) need --images and/or --image-cache")
+        extract(args.data, args.name, args.model, args.images, args.image_cache, args.features, args.batch_size,
+                args.word_drop, args.seed, args.device, args.overwrite)
+        return 0
+    return run_main(_run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
