@@ -237,13 +237,15 @@ class MISSRec(SeqTransformer):
 
         `item_emb` may also hold 'id': [I, H] ID embeddings (transductive_ft)."""
         if len(self.modalities) == 2:
-            per_modal = torch.stack([s @ F.normalize(item_emb[m], dim=1).t() for m in self.modalities],
-                                    dim=-1)                              # [B, I, 2]
+            text = s @ F.normalize(item_emb['text'], dim=1).t()          # [B, I]
+            img = s @ F.normalize(item_emb['img'], dim=1).t()            # [B, I]
             if self.item_mm_fusion == 'static':
-                fused = per_modal.mean(-1)
+                fused = (text + img) / 2
             else:
-                weight = F.softmax(per_modal * self.fusion_factor.unsqueeze(-1), dim=-1)
-                fused = (per_modal * weight).sum(-1)                     # [B, I]
+                # sum(x * softmax(x * f)) over the two modalities, written with a
+                # sigmoid: softmax([a, b])[0] = sigmoid(a - b); no [B, I, 2] tensor
+                diff = text - img
+                fused = img + diff * torch.sigmoid(diff * self.fusion_factor)
             if 'id' in item_emb:
                 fused = (s @ F.normalize(item_emb['id'], dim=1).t() + 2 * fused) / 3
             return fused
@@ -277,3 +279,64 @@ class MISSRec(SeqTransformer):
     def full_sort_predict(self, batch):
         """Scores [B, N] of every item (column 0 is the PAD item)."""
         return self._all_item_logits(batch)[0]
+
+    # ---------------------------------------------------------- pre-training API
+    def pretrain_losses(self, batch, interest_table, gather=None):
+        """Per-row pre-training losses of a batch (SPEC 3.4), built by data/pretrain.py.
+
+        Args:
+            batch: dict of `data.pretrain.build_batch` (features of the batch's distinct items).
+            interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
+            gather: x [b, ...] -> (x of the whole global batch [B, ...], offset of these rows);
+                None = this batch alone (one process, or `contrastive_negatives: local`).
+        Returns:
+            (seq_item [b], seq_seq [b] per-row cross-entropies, reg + reg' scalar of these rows).
+        """
+        gather = gather or (lambda x: (x, 0))
+        tables = {m: self.adaptor(m)(batch['feat'][m]) for m in self.modalities}          # [R, H]
+        s, reg = self.seq_output(batch['item_seq'], batch['item_seq_len'],
+                                 {m: (tables[m], batch['index'][m]) for m in self.modalities},
+                                 batch['empty'], batch['interest_ids'], interest_table, batch['pad_len'])
+        aug_tables = dict(tables)
+        if 'text_aug' in batch['feat']:   # word drop: rows R.. hold the word-dropped text features
+            aug_tables['text'] = torch.cat([tables['text'], self.text_adaptor(batch['feat']['text_aug'])])
+        s_aug, reg_aug = self.seq_output(batch['item_seq_aug'], batch['item_seq_len_aug'],
+                                         {m: (aug_tables[m], batch['index_aug'][m]) for m in self.modalities},
+                                         batch['empty_aug'], batch['interest_ids_aug'], interest_table,
+                                         batch['pad_len'])
+        # sequence-item: the in-batch target items are the candidates
+        items = {m: gather(tables[m].index_select(0, batch['target_index']))[0] for m in self.modalities}
+        item_ids, offset = gather(batch['item_id'])                                       # [B]
+        labels = torch.arange(len(s), device=s.device) + offset
+        logits = self.pretrain_item_logits(s, items, item_ids) / self.temperature         # [b, B]
+        seq_item = F.cross_entropy(logits, labels, reduction='none')
+        # sequence-sequence: each sequence against the augmented copies
+        s_aug_all = gather(s_aug)[0]                                                       # [B, H]
+        seq_seq = F.cross_entropy(s @ s_aug_all.t() / self.temperature, labels, reduction='none')
+        return seq_item, seq_seq, reg + reg_aug
+
+    def pretrain_item_logits(self, s, items, item_ids):
+        """Fused similarity [b, I] of s [b, H] to items {modality: [I, H]} with ids [I] (SPEC 3.3).
+
+        Unlike `fused_logits`, a dynamic_instance fusion factor is indexed by `item_ids`
+        (the original cannot run this setting: its [N] factor does not broadcast to [B, B])."""
+        if len(self.modalities) == 1:
+            return s @ F.normalize(items[self.modalities[0]], dim=1).t()
+        per_modal = torch.stack([s @ F.normalize(items[m], dim=1).t() for m in self.modalities],
+                                dim=-1)                                                    # [b, I, 2]
+        if self.item_mm_fusion == 'static':
+            return per_modal.mean(-1)
+        factor = self.fusion_factor[item_ids] if self.item_mm_fusion == 'dynamic_instance' \
+            else self.fusion_factor                                                        # [I] or []
+        weight = F.softmax(per_modal * factor.unsqueeze(-1), dim=-1)
+        return (per_modal * weight).sum(-1)
+
+    @torch.no_grad()
+    def pretrain_interest_points(self, tables, chunk):
+        """[M*(N-1), H] adapted rows 1..N-1 of the pre-training feature tables {m: [N, D]},
+        text rows then image rows, projected `chunk` rows at a time (SPEC 3.1)."""
+        out = []
+        for m in self.modalities:
+            rows = tables[m][1:]
+            out += [self.adaptor(m)(rows[i:i + chunk]) for i in range(0, len(rows), chunk)]
+        return torch.cat(out, dim=0)

@@ -1,0 +1,79 @@
+"""Fine-tuning speed on a real dataset: seconds per training epoch, per interest
+discovery and per full validation, and peak memory.
+
+    python bench/finetune.py                                   # Scientific_mini, run01 setting
+    python bench/finetune.py --epochs 3 -- --train_stage=inductive_ft --kmeans_mode=lloyd
+
+Prints a table and ends with one line `RESULT key=value ...`. The original
+code's figures on the same data and machine kind (ORIGINAL_ON_MINI.md): a
+median training epoch of 63.1 s (run01) and a median validation of 5.1 s.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import Config, parse_overrides, stage_files  # noqa: E402
+from data.dataset import SeqDataset  # noqa: E402
+from data.loader import SeqBatches  # noqa: E402
+from missrec import MISSRec  # noqa: E402
+from trainer import Trainer, init_seed, run_interest_discovery  # noqa: E402
+
+ORIGINAL_EPOCH_S = 63.1
+ORIGINAL_VALID_S = 5.1
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-d', default='Scientific_mini')
+    parser.add_argument('--data_path', default=os.path.join('..', 'shared', 'datasets', 'downstream'))
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('overrides', nargs='*', help='--key=value config overrides (after --)')
+    args = parser.parse_args()
+    overrides = dict(parse_overrides(args.overrides), data_path=args.data_path, show_progress=False)
+    config = Config(args.d, stage_files('finetune'), overrides)
+    init_seed(config['seed'])
+    dataset = SeqDataset(config)
+    model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
+    trainer = Trainer(config, model, torch.device('cpu'))
+    train = SeqBatches(dataset.splits['train'], config['train_batch_size'], True, config['seed'], dataset.pad_len)
+    valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], pad_len=dataset.pad_len)
+
+    disc, epochs, evals, losses = [], [], [], []
+    for epoch in range(args.epochs):
+        disc.append(timed(lambda: run_interest_discovery(model, config, epoch))[0])
+        train.set_epoch(epoch)
+        t, loss = timed(lambda: trainer._train_epoch(train, epoch))
+        epochs.append(t)
+        losses.append(loss)
+        evals.append(timed(lambda: trainer.evaluate(valid))[0])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    med = {k: statistics.median(v) for k, v in (('epoch', epochs), ('discovery', disc), ('valid', evals))}
+    print(f"\n{args.d}, train_stage {config['train_stage']}, kmeans_mode {config['kmeans_mode']}, "
+          f"{torch.get_num_threads()} threads, {args.epochs} epochs")
+    print('| step | median s | min s | original s | speed-up |')
+    print('|---|---|---|---|---|')
+    print(f"| training epoch | {med['epoch']:.2f} | {min(epochs):.2f} | {ORIGINAL_EPOCH_S} | "
+          f"{ORIGINAL_EPOCH_S / med['epoch']:.1f}x |")
+    print(f"| interest discovery | {med['discovery']:.3f} | {min(disc):.3f} | 0.37 | |")
+    print(f"| full validation | {med['valid']:.2f} | {min(evals):.2f} | {ORIGINAL_VALID_S} | "
+          f"{ORIGINAL_VALID_S / med['valid']:.1f}x |")
+    print(f'train loss by epoch: {", ".join(f"{x:.4f}" for x in losses)}; peak memory {peak_mb:.0f} MB')
+    print(f"RESULT dataset={args.d} epoch_s={med['epoch']:.2f} discovery_s={med['discovery']:.3f} "
+          f"valid_s={med['valid']:.2f} peak_mb={peak_mb:.0f} speedup_vs_original={ORIGINAL_EPOCH_S / med['epoch']:.2f}")
+
+
+if __name__ == '__main__':
+    main()
