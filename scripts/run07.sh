@@ -1,0 +1,8 @@
+#!/bin/bash
+# Pantry, inductive fine-tuning (without item IDs), from scratch.
+# Usage: bash scripts/run07.sh [GPU_ID] [--key=value ...]   (reference row: reference_log/reference_metrics.csv)
+cd "$(dirname "$0")/.." || exit 1
+CUDA_VISIBLE_DEVICES=${1:-0} python finetune.py \
+    -d Pantry_mm_full \
+    -mode inductive \
+    --script=run07.sh "${@:2}"

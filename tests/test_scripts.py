@@ -1,0 +1,45 @@
+"""scripts/run01..20.sh match reference_log/reference_metrics.csv and run from anywhere."""
+import csv
+import os
+import re
+import subprocess
+
+import pytest
+
+from tools.make_demo_data import write_downstream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_script(name):
+    with open(os.path.join(ROOT, 'scripts', name)) as f:
+        return f.read()
+
+
+def test_twenty_scripts_match_the_reference_rows():
+    with open(os.path.join(ROOT, 'reference_log', 'reference_metrics.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20
+    for row in rows:
+        text = read_script(row['script'])
+        assert f"-d {row['dataset']}_mm_full" in text
+        assert ('-mode transductive' in text) == (row['with_id'] == '1')
+        assert ('-mode inductive' in text) == (row['with_id'] == '0')
+        assert ('-p saved/MISSRec-FHCKM_mm_full-100.pth' in text) == (row['pretrained'] == '1')
+        office_transductive = row['dataset'] == 'Office' and row['with_id'] == '1'
+        assert ('--interest_ratio=0.3 --train_batch_size=1024 --eval_batch_size=2048' in text) == office_transductive
+        assert f"--script={row['script']}" in text
+
+
+@pytest.mark.parametrize('cwd', ['.', 'scripts'])
+def test_run_script_works_from_root_and_scripts_dir_on_cpu(tmp_path, cwd):
+    write_downstream(tmp_path / 'data', name='Demo', n_users=60, n_items=30, seed=3)
+    cmd = ['bash', 'scripts/run01.sh' if cwd == '.' else 'run01.sh', '0', '-d', 'Demo',
+           f'--data_path={tmp_path}/data', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
+           '--epochs=1', '--hidden_size=16', '--inner_size=16', '--show_progress=False']
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+    out = subprocess.run(cmd, cwd=os.path.join(ROOT, cwd), capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'no CUDA device found: running on the CPU' in out.stderr
+    log = open(re.search(r'log: (\S+)', out.stdout).group(1)).read()
+    assert 'script = run01.sh' in log and 'test result: OrderedDict' in log
