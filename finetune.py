@@ -16,11 +16,12 @@ import sys
 import torch
 
 import metrics as M
+from checkpoints import CheckpointError, load_checkpoint
 from config import Config, ConfigError, stage_files
 from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
 from missrec import MISSRec
-from trainer import Trainer, init_logger, init_seed, logger
+from trainer import Trainer, init_logger, init_seed, local_time, logger
 
 
 def parse_args(argv=None):
@@ -33,6 +34,8 @@ def parse_args(argv=None):
                         '(default: props/MISSRec.yaml,props/finetune.yaml)')
     parser.add_argument('-mode', choices=['transductive', 'inductive'], default='transductive')
     parser.add_argument('-note', type=str, default='', help='a word added to the log file name')
+    parser.add_argument('--resume', type=str, default='', help='continue an interrupted run from its '
+                        'saved/MISSRec-{time}-last.pth (same command line otherwise)')
     args, rest = parser.parse_known_args(argv)
     return args, rest
 
@@ -57,23 +60,24 @@ def pick_device(config):
 
 
 def load_pretrained(model, path, freeze):
-    """Load a pre-trained state dict non-strictly; freeze position embedding and Transformer."""
+    """Load a pre-trained state dict non-strictly; freeze position embedding and Transformer.
+    Returns the lines to log (missing and unexpected keys)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path}: pre-trained checkpoint not found')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(path, map_location='cpu')
     state = ckpt.get('state_dict', ckpt)
     own = model.state_dict()
     mismatched = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
                   if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f'{path}: parameter shapes differ from the model: ' + '; '.join(mismatched))
+        raise CheckpointError(f'{path}: parameter shapes differ from the model: ' + '; '.join(mismatched))
     result = model.load_state_dict(state, strict=False)
-    logger.info(f'Loading pre-trained model from {path}')
-    logger.info(f'missing keys (kept as initialised): {result.missing_keys}')
-    logger.info(f'unexpected keys (ignored): {result.unexpected_keys}')
     if freeze:
         for p in list(model.position_embedding.parameters()) + list(model.trm_model.parameters()):
             p.requires_grad = False
+    return [f'Loading pre-trained model from {path}',
+            f'missing keys (kept as initialised): {result.missing_keys}',
+            f'unexpected keys (ignored): {result.unexpected_keys}']
 
 
 def popularity_result(dataset, config):
@@ -88,33 +92,42 @@ def popularity_result(dataset, config):
 
 
 def build(config, device):
-    """Dataset, model (with the pre-trained weights if any) and batches of a fine-tuning run."""
+    """Dataset and model (with the pre-trained weights if any) of a fine-tuning run.
+    Every input is read and checked here, before anything is written."""
     dataset = SeqDataset(config)
-    logger.info(str(dataset))
     model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
+    loaded = []
     if config['pretrained_file']:
-        load_pretrained(model, config['pretrained_file'], config['freeze_trm'])
-    model = model.to(device)
+        loaded = load_pretrained(model, config['pretrained_file'], config['freeze_trm'])
+    return dataset, model.to(device), loaded
+
+
+def run(config, resume=''):
+    """One fine-tuning run; returns {'best_valid', 'test', 'popularity', 'log', 'checkpoint', 'best_epoch'}."""
+    init_seed(config['seed'], config['reproducibility'])
+    device = pick_device(config)
+    dataset, model, loaded = build(config, device)
+    if resume and not os.path.exists(resume):
+        raise FileNotFoundError(f'{resume}: checkpoint to resume from not found')
+
+    log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], config['train_stage'],
+                                    local_time()])
+    logger.info('\n' + str(config) + '\n')
+    logger.info(str(dataset))
+    for line in loaded:
+        logger.info(line)
     logger.info(str(model))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     logger.info(f'Trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     logger.info(f'Trainable parameters: {trainable}')
-    return dataset, model
 
-
-def run(config):
-    """One fine-tuning run; returns {'best_valid': ..., 'test': ..., 'log': path}."""
-    log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], config['train_stage'],
-                                    __import__('trainer').local_time()])
-    logger.info('\n' + str(config) + '\n')
-    init_seed(config['seed'], config['reproducibility'])
-    device = pick_device(config)
-    dataset, model = build(config, device)
     train = SeqBatches(dataset.splits['train'], config['train_batch_size'], shuffle=True,
                        seed=config['seed'], pad_len=dataset.pad_len)
     valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], pad_len=dataset.pad_len)
     test = SeqBatches(dataset.splits['test'], config['eval_batch_size'], pad_len=dataset.pad_len)
     trainer = Trainer(config, model, device)
+    if resume:
+        trainer.resume(resume)
     trainer.fit(train, valid)
     trainer.load_best()
     test_results = trainer.evaluate(test, desc='Test')
@@ -145,8 +158,8 @@ def main(argv=None):
     args, rest = parse_args(argv)
     try:
         config = build_config(args, rest)
-        out = run(config)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        out = run(config, args.resume)
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     print_table(out)

@@ -129,6 +129,10 @@ class Trainer:
         self.best_valid_score = -np.inf
         self.best_valid_result = None
         self.best_valid_epoch = -1
+        # hooks for ddp_finetune.py: the training forward (a DDP-wrapped loss) and the
+        # collection of every process's ranks of a sharded evaluation batch
+        self.loss_fn = model.calculate_loss
+        self.gather_ranks = None
 
     # ------------------------------------------------------------- one epoch
     def _train_epoch(self, batches, epoch):
@@ -138,7 +142,7 @@ class Trainer:
         for i, batch in enumerate(it):
             batch = to_device(batch, self.device)
             # forward
-            loss = self.model.calculate_loss(batch)
+            loss = self.loss_fn(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f'training loss is {loss.item()} at epoch {epoch}, batch {i}; '
                                          f'the last good checkpoint is {self.saved_model_file}')
@@ -164,6 +168,8 @@ class Trainer:
             scores = self.model.full_sort_predict(batch)
             scores[:, 0] = -np.inf                                     # never rank PAD
             rank = M.ranks(scores, batch['item_id'])
+            if self.gather_ranks is not None:
+                rank = self.gather_ranks(rank, batch)
             for j, original in enumerate((False, True)):
                 part = M.metric_sums(rank, metrics, topk, original)
                 sums[j] = part if sums[j] is None else {k: sums[j][k] + v for k, v in part.items()}
@@ -183,9 +189,9 @@ class Trainer:
             start = time.time()
             loss = self._train_epoch(train_batches, epoch)
             logger.info(f'epoch {epoch} training [time: {time.time() - start:.2f}s, train loss: {loss:.4f}]')
-            if self.eval_step <= 0 or (epoch + 1) % self.eval_step:
-                continue
-            if self._validate(valid_batches, epoch):
+            stop = self.eval_step > 0 and (epoch + 1) % self.eval_step == 0 and self._validate(valid_batches, epoch)
+            self.save_last(epoch)
+            if stop:
                 logger.info(f'Finished training, best eval result in epoch {self.best_valid_epoch}')
                 break
         return self.best_valid_score, self.best_valid_result
@@ -209,6 +215,7 @@ class Trainer:
 
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self, epoch):
+        """The best model so far (the original's checkpoint format)."""
         atomic_save({
             'config': self.config.to_dict(),
             'epoch': epoch,
@@ -217,6 +224,44 @@ class Trainer:
             'state_dict': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
         }, self.saved_model_file)
+
+    @property
+    def last_model_file(self):
+        return self.saved_model_file[:-len('.pth')] + '-last.pth'
+
+    def save_last(self, epoch):
+        """Everything needed to continue after `epoch` (the last finished epoch), RNG states included."""
+        atomic_save({
+            'config': self.config.to_dict(),
+            'epoch': epoch,
+            'cur_step': self.cur_step,
+            'best_valid_score': self.best_valid_score,
+            'best_valid_result': self.best_valid_result,
+            'best_valid_epoch': self.best_valid_epoch,
+            'best_model_file': self.saved_model_file,
+            'state_dict': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+                    'python': random.getstate()},
+        }, self.last_model_file)
+
+    def resume(self, path):
+        """Continue from a checkpoint written by `save_last`."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        if 'rng' not in ckpt:
+            raise ValueError(f'{path}: not a resumable checkpoint (expected the *-last.pth file of a run)')
+        self.model.load_state_dict(ckpt['state_dict'])
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.start_epoch = ckpt['epoch'] + 1
+        self.cur_step = ckpt['cur_step']
+        self.best_valid_score = ckpt['best_valid_score']
+        self.best_valid_result = ckpt['best_valid_result']
+        self.best_valid_epoch = ckpt['best_valid_epoch']
+        self.saved_model_file = ckpt['best_model_file']
+        torch.set_rng_state(ckpt['rng']['torch'])
+        np.random.set_state(ckpt['rng']['numpy'])
+        random.setstate(ckpt['rng']['python'])
+        logger.info(f'Resuming from {path} at epoch {self.start_epoch}')
 
     def load_best(self):
         """Reload the best checkpoint, buffers included (no new interest discovery)."""

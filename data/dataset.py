@@ -34,7 +34,7 @@ def read_inter(path):
         for n, line in enumerate(f, start=2):
             line = line.rstrip('\n')
             if not line:
-                continue
+                raise DataError(f'{path}: line {n}: empty line (expected user, history and item)')
             parts = line.split('\t')
             if len(parts) != 3:
                 raise DataError(f'{path}: line {n}: expected 3 tab-separated columns, got {len(parts)}')
@@ -42,8 +42,10 @@ def read_inter(path):
             history = hist.split(' ') if hist.strip() else []
             if not history:
                 raise DataError(f'{path}: line {n}: empty history (user {user})')
-            if not target:
-                raise DataError(f'{path}: line {n}: empty target item')
+            for tok in history + [target]:
+                if not (tok.isascii() and tok.isdigit()):
+                    raise DataError(f'{path}: line {n}: item token {tok!r} is not a non-negative integer '
+                                    f'(tokens index rows of the feature files)')
             rows.append((user, history, target))
     return rows
 
@@ -63,14 +65,26 @@ def number_tokens(split_rows):
     return ids
 
 
-def load_features(path, dim, tokens, what):
-    """[len(tokens) + 1, dim] float32 table: row i = feature row int(tokens[i-1]); row 0 zeros."""
+def count_lines(path):
+    with open(path, 'rb') as f:
+        return sum(1 for line in f if line.strip())
+
+
+def load_features(path, dim, tokens, what, expected_rows=None):
+    """[len(tokens) + 1, dim] float32 table: row i = feature row int(tokens[i-1]); row 0 zeros.
+
+    `expected_rows` (the item count of `.item2index`, when present) catches a
+    feature file written with another width whose size happens to fit `dim`."""
     if not os.path.exists(path):
         raise DataError(f'{path}: {what} feature file not found')
     size = os.path.getsize(path)
     if size % (dim * 4):
         raise DataError(f'{path}: size {size} bytes is not a multiple of {dim} float32 columns '
                         f'({dim * 4} bytes per row); check plm_size/img_size')
+    if expected_rows is not None and size != expected_rows * dim * 4:
+        raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but the item map lists '
+                        f'{expected_rows} items; check plm_size/img_size (the file would have '
+                        f'{size / (expected_rows * 4):g} columns)')
     feat = np.fromfile(path, dtype='<f4').reshape(-1, dim)
     rows = np.array([int(t) for t in tokens], dtype=np.int64)
     if len(rows) and rows.max() >= len(feat):
@@ -133,13 +147,15 @@ class SeqDataset:
             self.splits[split] = {'item_seq': seq, 'item_seq_len': lengths, 'item_id': target}
 
         modal = config['modal_type']
+        item_map = self._file('item2index')
+        expected = count_lines(item_map) if os.path.exists(item_map) else None
         self.plm_table = self.img_table = None
         if 'text' in modal:
             self.plm_table = load_features(self._file(config['plm_suffix']), config['plm_size'],
-                                           self.item_tokens, 'text')
+                                           self.item_tokens, 'text', expected)
         if 'img' in modal:
             self.img_table = load_features(self._file(config['img_suffix']), config['img_size'],
-                                           self.item_tokens, 'image')
+                                           self.item_tokens, 'image', expected)
 
     def _file(self, suffix):
         return os.path.join(self.path, f'{self.name}.{suffix}')

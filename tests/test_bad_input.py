@@ -1,0 +1,141 @@
+"""Bad input stops finetune.py before anything is written, with one line that
+names the file (row or key) and what was expected."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+from cluster_utils import discover_interests
+from config import Config
+from missrec import MISSRec
+from tools.make_demo_data import write_downstream
+
+
+@pytest.fixture(scope='module')
+def clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp('clean')
+    write_downstream(root, name='Demo', n_users=40, n_items=25, seed=5)
+    return root / 'Demo'
+
+
+@pytest.fixture
+def data(tmp_path, clean):
+    """A fresh copy of the clean dataset that a case may damage."""
+    folder = tmp_path / 'data' / 'Demo'
+    folder.mkdir(parents=True)
+    for f in clean.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def run(tmp_path, *args):
+    argv = ['-d', 'Demo', f'--data_path={tmp_path}/data', f'--checkpoint_dir={tmp_path}/saved',
+            f'--log_dir={tmp_path}/log', '--epochs=1', '--hidden_size=16', '--inner_size=16',
+            '--show_progress=False', '--use_gpu=False', *args]
+    return finetune.main(argv)
+
+
+def edit_line(path, n, fn):
+    lines = path.read_text().split('\n')
+    lines[n] = fn(lines[n])
+    path.write_text('\n'.join(lines))
+
+
+def feat(path, dim=512):
+    return np.fromfile(path, dtype='<f4').reshape(-1, dim)
+
+
+def first_token(data):
+    return (data / 'Demo.train.inter').read_text().split('\n')[1].split('\t')[2]
+
+
+CASES = {
+    'missing dataset folder': (lambda d: os.rename(d, d.parent / 'Other'), [], 'dataset folder not found'),
+    'missing split file': (lambda d: os.remove(d / 'Demo.valid.inter'), [], 'Demo.valid.inter: file not found'),
+    'wrong header': (lambda d: edit_line(d / 'Demo.train.inter', 0, lambda s: 'user\titems\titem'), [],
+                     'Demo.train.inter: line 1: expected header'),
+    'two columns': (lambda d: edit_line(d / 'Demo.test.inter', 2, lambda s: s.rsplit('\t', 1)[0]), [],
+                    'Demo.test.inter: line 3: expected 3 tab-separated columns, got 2'),
+    'empty history': (lambda d: edit_line(d / 'Demo.train.inter', 1, lambda s: s.split('\t')[0] + '\t\t3'), [],
+                      'Demo.train.inter: line 2: empty history'),
+    'empty line': (lambda d: edit_line(d / 'Demo.valid.inter', 2, lambda s: ''), [],
+                   'Demo.valid.inter: line 3: empty line'),
+    'token not an integer': (lambda d: edit_line(d / 'Demo.train.inter', 1, lambda s: s[:-1] + 'x'), [],
+                             "is not a non-negative integer"),
+    'negative token': (lambda d: edit_line(d / 'Demo.train.inter', 1,
+                                           lambda s: s.rsplit('\t', 1)[0] + '\t-3'), [],
+                       "Demo.train.inter: line 2: item token '-3' is not a non-negative integer"),
+    'token without feature row': (lambda d: edit_line(d / 'Demo.train.inter', 1,
+                                                      lambda s: s.rsplit('\t', 1)[0] + '\t999'), [],
+                                  'Demo.feat1CLS: item token 999 has no feature row'),
+    'missing feature file': (lambda d: os.remove(d / 'Demo.feat3CLS'), [],
+                             'Demo.feat3CLS: image feature file not found'),
+    'feature size not a multiple': (lambda d: (d / 'Demo.feat1CLS').write_bytes(
+        (d / 'Demo.feat1CLS').read_bytes()[:-4]), [], 'is not a multiple of 512 float32 columns'),
+    'feature width differs from plm_size': (lambda d: None, ['--plm_size=256'],
+                                            'but the item map lists 25 items; check plm_size'),
+    'NaN feature': (lambda d: _poke(d / 'Demo.feat1CLS', np.nan), [], 'holds NaN or infinite values'),
+    'infinite feature': (lambda d: _poke(d / 'Demo.feat3CLS', np.inf), [], 'holds NaN or infinite values'),
+    'unknown key': (lambda d: None, ['--hiden_size=8'], "unknown config key 'hiden_size'; did you mean 'hidden_size'"),
+    'wrong type': (lambda d: None, ['--train_batch_size=big'], "train_batch_size = 'big'; expected a positive integer"),
+    'number expected': (lambda d: None, ['--learning_rate=fast'], 'learning_rate = '),
+    'train_stage outside its set': (lambda d: None, ['--train_stage=finetune'], 'train_stage'),
+    'seq_mm_fusion outside its set': (lambda d: None, ['--seq_mm_fusion=concat'], 'expected one of add, contextual'),
+    'item_mm_fusion outside its set': (lambda d: None, ['--item_mm_fusion=max'], 'expected one of static'),
+    'modal_type outside its set': (lambda d: None, ['--modal_type=audio'], 'modal_type'),
+    'odd n_layers': (lambda d: None, ['--n_layers=3'], 'even integer'),
+    'interest_ratio zero': (lambda d: None, ['--interest_ratio=0'], 'interest_ratio = 0; expected a number in (0, 1]'),
+    'interest_ratio above one': (lambda d: None, ['--interest_ratio=1.5'], 'expected a number in (0, 1]'),
+    'heads do not divide hidden size': (lambda d: None, ['--n_heads=3'], 'not divisible by n_heads'),
+    'valid_metric malformed': (lambda d: None, ['--valid_metric=NDCG'], 'expected e.g. NDCG@10'),
+    'missing props file': (lambda d: None, ['-props', 'nowhere.yaml'], 'nowhere.yaml: config file not found'),
+    'missing pre-trained file': (lambda d: None, ['-p', 'nowhere.pth'], 'nowhere.pth: pre-trained checkpoint not found'),
+    'missing resume file': (lambda d: None, ['--resume', 'nowhere-last.pth'], 'checkpoint to resume from not found'),
+}
+
+
+def _poke(path, value):
+    x = feat(path)
+    x[3, 7] = value
+    x.tofile(path)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_bad_input_is_named_and_nothing_is_written(tmp_path, data, capsys, name):
+    damage, args, message = CASES[name]
+    damage(data)
+    assert run(tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip().split('\n')
+    assert len(err) == 1 and err[0].startswith('error: ') and message in err[0], err
+    assert not (tmp_path / 'saved').exists() and not (tmp_path / 'log').exists()
+
+
+def test_bad_props_yaml(tmp_path, data, capsys):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('hidden_size: [1, 2\n')
+    assert run(tmp_path, '-props', str(bad)) == 2
+    assert 'bad.yaml: not valid YAML' in capsys.readouterr().err
+
+
+def test_incompatible_pretrained_checkpoint_names_the_keys(tmp_path, data, capsys):
+    other = MISSRec(Config(overrides={'train_stage': 'pretrain', 'hidden_size': 32, 'inner_size': 16}), 10)
+    path = tmp_path / 'pt.pth'
+    torch.save({'state_dict': other.state_dict()}, path)
+    assert run(tmp_path, '-p', str(path)) == 2
+    err = capsys.readouterr().err
+    assert 'parameter shapes differ from the model' in err and 'position_embedding.weight (50, 32) vs (50, 16)' in err
+    assert not (tmp_path / 'saved').exists()
+
+
+def test_a_file_that_is_no_checkpoint(tmp_path, data, capsys):
+    path = tmp_path / 'junk.pth'
+    path.write_bytes(b'not a checkpoint')
+    assert run(tmp_path, '-p', str(path)) == 2
+    assert 'junk.pth' in capsys.readouterr().err
+
+
+def test_more_clusters_than_points():
+    with pytest.raises(ValueError, match='n_clusters'):
+        discover_interests(torch.randn(5, 3), 6)

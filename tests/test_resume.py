@@ -1,0 +1,79 @@
+"""A fine-tuning run killed with SIGKILL and resumed from its `-last.pth` ends
+exactly where the uninterrupted run ends (same seed, CPU)."""
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tools.make_demo_data import write_downstream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    write_downstream(root, name='Demo', n_users=150, n_items=50, seed=11)
+    return root
+
+
+def command(demo, out, *extra):
+    return [sys.executable, 'finetune.py', '-d', 'Demo', f'--data_path={demo}', f'--checkpoint_dir={out}/saved',
+            f'--log_dir={out}/log', '--epochs=5', '--stopping_step=50', '--hidden_size=32', '--inner_size=32',
+            '--show_progress=False', '--use_gpu=False', *extra]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+
+
+def finish(cmd):
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout[out.stdout.index('| run |'):out.stdout.index('log:')]   # the metrics table
+
+
+def best_state(out):
+    best = [p for p in glob.glob(f'{out}/saved/*.pth') if not p.endswith('-last.pth')]
+    assert len(best) == 1
+    return torch.load(best[0], weights_only=True)
+
+
+def kill_after_last_epoch(cmd, epoch, delay):
+    """Start `cmd`, SIGKILL it `delay` s after its -last.pth records `epoch`; returns that file."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    saved = cmd[5].split('=', 1)[1]
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        last = glob.glob(f'{saved}/*-last.pth')
+        if last:
+            try:
+                if torch.load(last[0], weights_only=False)['epoch'] >= epoch:
+                    break
+            except Exception:        # replaced while reading: try again
+                pass
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    return glob.glob(f'{saved}/*-last.pth')[0]
+
+
+def test_killed_and_resumed_runs_match_the_uninterrupted_run(demo, tmp_path):
+    reference = finish(command(demo, tmp_path / 'full'))
+    ref_state = best_state(tmp_path / 'full')['state_dict']
+    rng = random.Random(2020)
+    for point, epoch in enumerate((0, 2)):
+        out = tmp_path / f'killed{point}'
+        last = kill_after_last_epoch(command(demo, out), epoch, delay=rng.uniform(0.0, 0.6))
+        assert torch.load(last, weights_only=False)['epoch'] >= epoch
+        resumed = finish(command(demo, out, '--resume', last))
+        assert resumed == reference
+        state = best_state(out)['state_dict']
+        assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
