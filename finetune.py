@@ -159,7 +159,7 @@ def main(argv=None):
     try:
         config = build_config(args, rest)
         out = run(config, args.resume)
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     print_table(out)

@@ -77,3 +77,24 @@ def test_killed_and_resumed_runs_match_the_uninterrupted_run(demo, tmp_path):
         assert resumed == reference
         state = best_state(out)['state_dict']
         assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path, monkeypatch, capsys):
+    import finetune
+    from missrec import MISSRec
+    calls = {'n': 0}
+    real = MISSRec.calculate_loss
+
+    def nan_in_second_epoch(self, batch):
+        calls['n'] += 1
+        loss = real(self, batch)
+        return loss * float('nan') if calls['n'] == n_batches + 2 else loss
+
+    n_batches = -(-len(open(f'{demo}/Demo/Demo.train.inter').readlines()[1:]) // 512)
+    monkeypatch.setattr(MISSRec, 'calculate_loss', nan_in_second_epoch)
+    assert finetune.main(command(demo, tmp_path)[2:]) == 2
+    err = capsys.readouterr().err
+    assert 'error: training loss is nan at epoch 1, batch 1; the last good checkpoint is' in err
+    best = best_state(tmp_path)
+    assert best['epoch'] == 0 and all(torch.isfinite(v).all() for v in best['state_dict'].values()
+                                      if v.is_floating_point())
