@@ -104,6 +104,9 @@ DEFAULTS = {
     # switches for the original code's defects (README, "Differences from the original code")
     'eval_topk_plus_one': False,
     'contextual_gather_quirk': True,
+    'item_drop_quirk': True,          # SPEC 3.4 QUIRK, see data/pretrain.py item_drop()
+    # multi-process pre-training: contrastive negatives of the whole global batch or of each rank
+    'contrastive_negatives': 'global',
 }
 
 CHOICES = {
@@ -117,6 +120,7 @@ CHOICES = {
     'hidden_act': ('gelu', 'relu'),
     'interest_clustering': ('kmeans', 'dpc_knn'),
     'kmeans_mode': ('original', 'lloyd'),
+    'contrastive_negatives': ('global', 'local'),
 }
 
 # Keys the original props files carry but that change nothing here.

@@ -1,0 +1,168 @@
+"""Small rank helpers that fall back to one process (dinov2 `distributed/__init__.py` style).
+
+Every helper works without an initialised process group (world size 1), so the
+same training code runs in single-process CPU tests.
+
+    init_from_env()        # torchrun: RANK / LOCAL_RANK / WORLD_SIZE; nccl on CUDA, gloo on CPU
+    try: ... finally: teardown()
+
+`all_gather_with_grad(x)` gathers per-rank tensors whose first dimension may
+differ between ranks (the last batch of an epoch, or a global batch that does
+not divide by the world size). Its backward sums the incoming gradients of
+every rank and hands each rank the part of its own slot, so the gradient of a
+loss computed on any rank flows back into the rank that produced the rows
+(`torch.distributed.nn.all_gather` semantics; gloo has no reduce-scatter, so
+it all-reduces and slices).
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+_GATHER_GROUP = None   # a separate group keeps feature gathers apart from DDP's gradient buckets
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def local_rank():
+    return int(os.environ.get('LOCAL_RANK', 0)) if is_dist() else 0
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def launched_by_torchrun():
+    return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+
+
+def init_from_env(use_gpu=True, timeout_s=1800):
+    """Initialise the default process group from torchrun's environment (once).
+
+    Returns the device of this process: `cuda:LOCAL_RANK` (nccl) when CUDA is
+    usable, else the CPU (gloo). Without torchrun variables, or with WORLD_SIZE
+    1, no group is created and the helpers keep their one-process defaults.
+    """
+    global _GATHER_GROUP
+    cuda = use_gpu and torch.cuda.is_available()
+    lrank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cuda', lrank) if cuda else torch.device('cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    if not launched_by_torchrun() or int(os.environ['WORLD_SIZE']) == 1 or is_dist():
+        return device
+    dist.init_process_group(backend='nccl' if cuda else 'gloo',
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _GATHER_GROUP = dist.new_group(backend='nccl' if cuda else 'gloo')
+    return device
+
+
+def teardown():
+    global _GATHER_GROUP
+    if is_dist():
+        dist.destroy_process_group()
+    _GATHER_GROUP = None
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(x):
+    """Sum of tensor `x` over ranks (a new tensor; `x` is not modified)."""
+    x = x.clone()
+    if is_dist():
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_(x, src=0):
+    """Broadcast tensor `x` from `src` in place; returns it."""
+    if is_dist():
+        dist.broadcast(x, src)
+    return x
+
+
+def broadcast_object(obj, src=0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def _sizes(n, device, group=None):
+    """First-dimension sizes of every rank."""
+    t = torch.tensor([n], device=device)
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t, group=group)
+    return [int(s) for s in out]
+
+
+def _gather_padded(x, sizes, group=None):
+    """all_gather of tensors with different first dimensions: pad to the largest, cut back."""
+    top = max(sizes)
+    pad = x.new_zeros((top - x.shape[0], *x.shape[1:]))
+    xp = torch.cat([x, pad]) if top > x.shape[0] else x.contiguous()
+    out = [torch.empty_like(xp) for _ in sizes]
+    dist.all_gather(out, xp, group=group)
+    return [o[:s] for o, s in zip(out, sizes)]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.group, ctx.sizes = group, sizes
+        return torch.cat(_gather_padded(x, sizes, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)   # every rank's loss contributes to every slot
+        start = sum(ctx.sizes[:dist.get_rank()])
+        return grad[start:start + ctx.sizes[dist.get_rank()]], None, None
+
+
+def all_gather_with_grad(x):
+    """Concatenate `x` [b_r, ...] of every rank in rank order.
+
+    Returns:
+        (x_all [sum_r b_r, ...], offset of this rank's rows in x_all).
+    Tensors that do not require grad (e.g. item ids) are gathered without autograd.
+    """
+    if not is_dist():
+        return x, 0
+    sizes = _sizes(x.shape[0], x.device, _GATHER_GROUP)
+    if x.requires_grad:
+        out = _GatherWithGrad.apply(x, sizes, _GATHER_GROUP)
+    else:
+        out = torch.cat(_gather_padded(x, sizes, _GATHER_GROUP))
+    return out, sum(sizes[:rank()])
+
+
+def gather_rows_interleaved(x):
+    """Undo `SeqBatches` sharding of one batch: rank r holds global rows r, r+W, r+2W, ...
+
+    Returns the rows of all ranks in global batch order (every rank gets the result).
+    """
+    if not is_dist():
+        return x
+    sizes = _sizes(x.shape[0], x.device)
+    parts = _gather_padded(x, sizes)
+    w = len(parts)
+    out = x.new_empty((sum(sizes), *x.shape[1:]))
+    for r, p in enumerate(parts):
+        out[r::w] = p
+    return out

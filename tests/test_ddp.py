@@ -1,0 +1,182 @@
+"""Multi-process training on the CPU: 2 gloo workers compared with one process (STYLE, "Distributed training").
+
+Workers are started with `torch.multiprocessing.spawn` (as `python ddp_pretrain.py --nproc 2` does);
+each writes its values to a file that the test compares.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ddp_finetune
+import distributed as D
+import finetune
+from config import Config, stage_files
+from data.loader import SeqBatches
+from data.pretrain import PretrainDataset
+from ddp_pretrain import Pretrainer, spawn
+from tools.make_demo_data import write_downstream, write_pretrain
+from trainer import Trainer, init_seed, run_interest_discovery
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {'plm_size': 32, 'img_size': 32, 'hidden_size': 32, 'inner_size': 32, 'n_heads': 2,
+        'show_progress': False, 'use_gpu': False, 'hidden_dropout_prob': 0.0}
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ddp')
+    write_pretrain(root / 'pre', name='DemoPT', n_users_per_domain=40, n_items_per_domain=40, dim=32, seed=7)
+    write_downstream(root / 'down', name='Demo', n_users=150, n_items=60, dim=32, seed=7)
+    return root
+
+
+def pretrain_config(root, **kw):
+    return Config('DemoPT', stage_files('pretrain'), {'data_path': str(root / 'pre'), 'train_stage': 'pretrain',
+                                                      'train_batch_size': 63, **TINY, **kw})
+
+
+def finetune_config(root, tmp, **kw):
+    return Config('Demo', stage_files('finetune'), {'data_path': str(root / 'down'), 'eval_batch_size': 49,
+                                                    'train_batch_size': 101, 'checkpoint_dir': str(tmp),
+                                                    **TINY, **kw})
+
+
+def _start(index, nproc, port):
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    D.init_from_env(use_gpu=False)
+
+
+# ------------------------------------------------------------ what each process computes
+def pretrain_steps(cfg, n_steps=3):
+    """Loss and gradients of the first step, parameters after `n_steps` steps."""
+    trainer = Pretrainer(cfg, PretrainDataset(cfg), torch.device('cpu'))
+    trainer.discover(0)
+    trainer.model.train()
+    batches = iter(trainer.batches)
+    out = {'loss': trainer.step(next(batches))}
+    out['grads'] = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters() if p.grad is not None}
+    for _ in range(n_steps - 1):
+        trainer.step(next(batches))
+    out['params'] = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+    return out
+
+
+def finetune_eval_and_epoch(cfg, sharded):
+    """Valid metrics of the initial model (after interest discovery), then parameters after one epoch."""
+    device = torch.device('cpu')
+    if sharded:
+        _, trainer, batches = ddp_finetune.build_trainer(cfg, device)
+        valid, train = batches['valid'], batches['train']
+    else:
+        init_seed(cfg['seed'])
+        dataset, model, _ = finetune.build(cfg, device)
+        trainer = Trainer(cfg, model, device)
+        valid = SeqBatches(dataset.splits['valid'], cfg['eval_batch_size'], pad_len=dataset.pad_len)
+        train = SeqBatches(dataset.splits['train'], cfg['train_batch_size'], shuffle=True, seed=cfg['seed'],
+                           pad_len=dataset.pad_len)
+    run_interest_discovery(trainer.model, cfg, 0)
+    out = {'valid': trainer.evaluate(valid)}
+    trainer.model.train()
+    loss = trainer.loss_fn(next(iter(train)))                     # first batch: loss and gradients
+    loss.backward()
+    out['first_loss'] = loss.item()
+    out['grads'] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    out['loss'] = trainer._train_epoch(train, 0)
+    out['params'] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return out
+
+
+def _worker(index, nproc, port, root, out_dir):
+    _start(index, nproc, port)
+    root = pathlib.Path(root)
+    try:
+        res = {'pretrain': pretrain_steps(pretrain_config(root)),
+               'pretrain_local': pretrain_steps(pretrain_config(root, contrastive_negatives='local',
+                                                                item_mm_fusion='dynamic_instance'), 2),
+               'finetune': finetune_eval_and_epoch(finetune_config(root, out_dir), sharded=True)}
+        torch.save(res, os.path.join(out_dir, f'rank{index}.pt'))
+    finally:
+        D.teardown()
+
+
+@pytest.fixture(scope='module')
+def two_ranks(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ranks')
+    spawn(_worker, 2, str(data), str(out))
+    return [torch.load(out / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
+
+
+# ------------------------------------------------------------------------ checks
+def test_parameters_identical_on_all_ranks(two_ranks):
+    for key in ('pretrain', 'pretrain_local', 'finetune'):
+        a, b = two_ranks[0][key]['params'], two_ranks[1][key]['params']
+        for n in a:
+            assert torch.equal(a[n], b[n]), (key, n)
+
+
+def test_global_negatives_match_one_process_with_the_whole_batch(two_ranks, data):
+    torch.set_num_threads(1)
+    single = pretrain_steps(pretrain_config(data))           # 1 process, batch 63 (not divisible by 2)
+    multi = two_ranks[0]['pretrain']
+    assert multi['loss'] == pytest.approx(single['loss'], rel=1e-5)
+    assert set(multi['grads']) == set(single['grads'])
+    for n, g in single['grads'].items():
+        torch.testing.assert_close(multi['grads'][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # (parameters after several Adam steps are not compared: where the exact gradient is 0, e.g. the
+    # attention of an encoder that sees one interest token, Adam turns rounding noise into lr-sized steps)
+
+
+def test_sharded_evaluation_equals_single_process_exactly(two_ranks, data, tmp_path):
+    """150 valid rows in batches of 49: shards of 25/24 rows, and a last batch of 3 rows."""
+    torch.set_num_threads(1)
+    single = finetune_eval_and_epoch(finetune_config(data, tmp_path), sharded=False)
+    for r in (0, 1):
+        assert two_ranks[r]['finetune']['valid'] == single['valid']
+    # sharded training: the loss and the synchronised gradients of a batch are the single-process ones
+    multi = two_ranks[0]['finetune']
+    assert multi['first_loss'] == pytest.approx(single['first_loss'], rel=1e-5)
+    for n, g in single['grads'].items():
+        torch.testing.assert_close(multi['grads'][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # and an epoch follows the same path (Adam amplifies rounding noise a little, see above)
+    assert multi['loss'] == pytest.approx(single['loss'], rel=1e-3)
+
+
+def _fail_on_rank_1(args, rest):
+    if D.rank() == 1:
+        raise ValueError('rank 1 fails on purpose')
+    D.barrier()                                              # rank 0 would wait here forever
+
+
+def _failing(index, nproc, port):
+    import ddp_pretrain
+    ddp_pretrain.run = lambda config, resume: _fail_on_rank_1(None, None)
+    ddp_pretrain._spawned(index, nproc, port, *ddp_pretrain.parse_args(['--use_gpu=False']))
+
+
+def test_a_failing_rank_stops_the_job_with_its_error(capfd):
+    start = time.time()
+    with pytest.raises(Exception):                           # the job stops instead of hanging ...
+        spawn(_failing, 2)
+    assert time.time() - start < 60
+    assert 'rank 1 fails on purpose' in capfd.readouterr().err   # ... and the rank's error is shown
+
+
+def test_cli_two_cpu_processes(data, tmp_path):
+    cmd = [sys.executable, 'ddp_pretrain.py', '--nproc', '2', '-d', 'DemoPT', f'--data_path={data}/pre',
+           '--use_gpu=False', '--pretrain_epochs=1', '--save_step=1', '--train_batch_size=128',
+           f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', '--show_progress=False',
+           *[f'--{k}={v}' for k, v in TINY.items() if k not in ('use_gpu', 'show_progress')]]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.exists(tmp_path / 'saved' / 'MISSRec-DemoPT-1.pth')
+    assert 'epoch 0 training [time:' in proc.stdout
+    assert proc.stdout.count('epoch 0 training') == 1               # rank 0 alone logs
