@@ -7,6 +7,7 @@ tables (row 0 = PAD = zeros).
 """
 import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -21,8 +22,13 @@ class DataError(ValueError):
     """Bad input data; the message names the file (and row) and what was expected."""
 
 
-def read_inter(path):
-    """Rows of an atomic `.inter` file as (user token, [history tokens], target token)."""
+ITEM_TOKEN = (re.compile(r'[0-9]+'), 'a non-negative integer (tokens index rows of the feature files)')
+
+
+def read_inter(path, token=ITEM_TOKEN):
+    """Rows of an atomic `.inter` file as (user token, [history tokens], target token).
+
+    `token` = (compiled pattern every item token must match, its description)."""
     if not os.path.exists(path):
         raise DataError(f'{path}: file not found')
     rows = []
@@ -43,9 +49,8 @@ def read_inter(path):
             if not history:
                 raise DataError(f'{path}: line {n}: empty history (user {user})')
             for tok in history + [target]:
-                if not (tok.isascii() and tok.isdigit()):
-                    raise DataError(f'{path}: line {n}: item token {tok!r} is not a non-negative integer '
-                                    f'(tokens index rows of the feature files)')
+                if not token[0].fullmatch(tok):
+                    raise DataError(f'{path}: line {n}: item token {tok!r} is not {token[1]}')
             rows.append((user, history, target))
     return rows
 
@@ -99,7 +104,11 @@ def load_features(path, dim, tokens, what, expected_rows=None):
 
 
 def pad_histories(histories, max_len):
-    """Left-aligned, 0-padded long [R, L] histories (the most recent max_len items kept)."""
+    """Left-aligned, 0-padded long [R, L] histories (the most recent max_len items kept, with a warning)."""
+    too_long = sum(len(h) > max_len for h in histories)
+    if too_long:
+        logger.warning(f'{too_long} histories are longer than MAX_ITEM_LIST_LENGTH = {max_len}; '
+                       f'kept their most recent {max_len} items')
     lengths = torch.tensor([min(len(h), max_len) for h in histories], dtype=torch.long)
     width = int(lengths.max()) if len(histories) else 1
     seq = torch.zeros(len(histories), width, dtype=torch.long)
@@ -134,12 +143,7 @@ class SeqDataset:
         self.n_users = len({u for rows in raw for u, _, _ in rows}) + 1   # with PAD, as RecBole counts
         self.n_inters = sum(len(rows) for rows in raw)
 
-        longest = max(len(h) for rows in raw for _, h, _ in rows)
-        too_long = sum(len(h) > max_len for rows in raw for _, h, _ in rows)
-        if too_long:
-            logger.warning(f'{too_long} histories are longer than MAX_ITEM_LIST_LENGTH = {max_len}; '
-                           f'kept their most recent {max_len} items')
-        self.pad_len = min(longest, max_len)
+        self.pad_len = min(max(len(h) for rows in raw for _, h, _ in rows), max_len)
         self.splits = {}
         for split, rows in zip(SPLITS, raw):
             seq, lengths = pad_histories([[ids[t] for t in h] for _, h, _ in rows], max_len)

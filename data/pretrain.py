@@ -24,44 +24,18 @@ B*L padded positions.
 """
 import math
 import os
+import re
 
 import numpy as np
 import torch
 
-from data.dataset import INTER_HEADER, DataError, number_tokens, pad_histories
+from data.dataset import DataError, number_tokens, pad_histories, read_inter
 from data.loader import SeqBatches
 
 MODALITIES = ('text', 'img')
 
 
-def read_pretrain_inter(path):
-    """Rows (user, [history tokens], target token) of a pre-training `.inter` file.
-
-    Like `data.dataset.read_inter`, but item tokens are `{domain}-{row}` (checked by
-    `parse_tokens` once the domains are known)."""
-    if not os.path.exists(path):
-        raise DataError(f'{path}: file not found')
-    rows = []
-    with open(path, encoding='utf-8') as f:
-        header = f.readline().rstrip('\n').split('\t')
-        if header != INTER_HEADER:
-            raise DataError(f"{path}: line 1: expected header {chr(9).join(INTER_HEADER)!r}, "
-                            f"got {chr(9).join(header)!r}")
-        for n, line in enumerate(f, start=2):
-            line = line.rstrip('\n')
-            if not line:
-                continue
-            parts = line.split('\t')
-            if len(parts) != 3:
-                raise DataError(f'{path}: line {n}: expected 3 tab-separated columns, got {len(parts)}')
-            user, hist, target = parts
-            history = hist.split(' ') if hist.strip() else []
-            if not history or not target:
-                raise DataError(f'{path}: line {n}: empty history or target item (user {user})')
-            rows.append((user, history, target))
-    if not rows:
-        raise DataError(f'{path}: no interaction rows')
-    return rows
+PRETRAIN_TOKEN = (re.compile(r'[0-9]+-[0-9]+'), "of the form '{domain}-{row}'")
 
 
 def read_domains(path):
@@ -160,7 +134,7 @@ class PretrainDataset:
             raise DataError(f"{self.path}: pre-training dataset folder not found "
                             f"(data_path = {config['data_path']!r}, dataset = {self.name!r})")
         inter = os.path.join(self.path, f'{self.name}.train.inter')
-        rows = read_pretrain_inter(inter)
+        rows = read_inter(inter, PRETRAIN_TOKEN)
         self.domains = read_domains(os.path.join(self.path, f'{self.name}.pt_datasets'))
         ids = number_tokens([rows])
         self.item_tokens = list(ids)
