@@ -232,10 +232,12 @@ class MISSRec(SeqTransformer):
         return tokens, packer, key_mask, query_rows, query_packer, out_pos.shape[1]
 
     # --------------------------------------------------------------- item side
-    def fused_logits(self, s, item_emb):
+    def fused_logits(self, s, item_emb, item_ids=None):
         """Similarity of sequences s [B, H] to items {modality: [I, H]} (SPEC 3.3), before temperature.
 
-        `item_emb` may also hold 'id': [I, H] ID embeddings (transductive_ft)."""
+        `item_emb` may also hold 'id': [I, H] ID embeddings (transductive_ft). `item_ids`
+        [I] selects the per-item fusion factors of dynamic_instance when the candidates
+        are not all N items (pre-training's in-batch targets; the original cannot run this)."""
         if len(self.modalities) == 2:
             text = s @ F.normalize(item_emb['text'], dim=1).t()          # [B, I]
             img = s @ F.normalize(item_emb['img'], dim=1).t()            # [B, I]
@@ -244,8 +246,11 @@ class MISSRec(SeqTransformer):
             else:
                 # sum(x * softmax(x * f)) over the two modalities, written with a
                 # sigmoid: softmax([a, b])[0] = sigmoid(a - b); no [B, I, 2] tensor
+                factor = self.fusion_factor
+                if item_ids is not None and self.item_mm_fusion == 'dynamic_instance':
+                    factor = factor[item_ids]
                 diff = text - img
-                fused = img + diff * torch.sigmoid(diff * self.fusion_factor)
+                fused = img + diff * torch.sigmoid(diff * factor)
             if 'id' in item_emb:
                 fused = (s @ F.normalize(item_emb['id'], dim=1).t() + 2 * fused) / 3
             return fused
@@ -308,28 +313,12 @@ class MISSRec(SeqTransformer):
         items = {m: gather(tables[m].index_select(0, batch['target_index']))[0] for m in self.modalities}
         item_ids, offset = gather(batch['item_id'])                                       # [B]
         labels = torch.arange(len(s), device=s.device) + offset
-        logits = self.pretrain_item_logits(s, items, item_ids) / self.temperature         # [b, B]
+        logits = self.fused_logits(s, items, item_ids) / self.temperature                 # [b, B]
         seq_item = F.cross_entropy(logits, labels, reduction='none')
         # sequence-sequence: each sequence against the augmented copies
         s_aug_all = gather(s_aug)[0]                                                       # [B, H]
         seq_seq = F.cross_entropy(s @ s_aug_all.t() / self.temperature, labels, reduction='none')
         return seq_item, seq_seq, reg + reg_aug
-
-    def pretrain_item_logits(self, s, items, item_ids):
-        """Fused similarity [b, I] of s [b, H] to items {modality: [I, H]} with ids [I] (SPEC 3.3).
-
-        Unlike `fused_logits`, a dynamic_instance fusion factor is indexed by `item_ids`
-        (the original cannot run this setting: its [N] factor does not broadcast to [B, B])."""
-        if len(self.modalities) == 1:
-            return s @ F.normalize(items[self.modalities[0]], dim=1).t()
-        per_modal = torch.stack([s @ F.normalize(items[m], dim=1).t() for m in self.modalities],
-                                dim=-1)                                                    # [b, I, 2]
-        if self.item_mm_fusion == 'static':
-            return per_modal.mean(-1)
-        factor = self.fusion_factor[item_ids] if self.item_mm_fusion == 'dynamic_instance' \
-            else self.fusion_factor                                                        # [I] or []
-        weight = F.softmax(per_modal * factor.unsqueeze(-1), dim=-1)
-        return (per_modal * weight).sum(-1)
 
     @torch.no_grad()
     def pretrain_interest_points(self, tables, chunk):
