@@ -98,3 +98,42 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_p
     best = best_state(tmp_path)
     assert best['epoch'] == 0 and all(torch.isfinite(v).all() for v in best['state_dict'].values()
                                       if v.is_floating_point())
+
+
+def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(tmp_path):
+    from tools.make_demo_data import write_pretrain
+    write_pretrain(tmp_path / 'pre', name='DemoPT', n_users_per_domain=40, n_items_per_domain=40, dim=32, seed=7)
+
+    def cmd(out, *extra):
+        return [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={tmp_path}/pre',
+                f'--checkpoint_dir={out}/saved', f'--log_dir={out}/log', '--plm_size=32', '--img_size=32',
+                '--hidden_size=32', '--inner_size=32', '--n_heads=2', '--show_progress=False', '--use_gpu=False',
+                '--pretrain_epochs=4', '--save_step=1', '--train_batch_size=64', *extra]
+
+    full = subprocess.run(cmd(tmp_path / 'full'), cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    final = torch.load(tmp_path / 'full' / 'saved' / 'MISSRec-DemoPT-4.pth', weights_only=True)
+    rng = random.Random(7)
+    for point, epoch in enumerate((1, 2)):
+        out = tmp_path / f'killed{point}'
+        saved = out / 'saved'
+        proc = subprocess.Popen(cmd(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.time() + 300
+        while not (saved / f'MISSRec-DemoPT-{epoch}.pth').exists() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+        assert not (saved / 'MISSRec-DemoPT-4.pth').exists()
+        # a kill may leave a .tmp-* file behind, never a partial checkpoint under its real name
+        done_files = [p for p in os.listdir(saved) if not p.startswith('.tmp-')]
+        for p in done_files:
+            assert torch.load(saved / p, weights_only=True)['epoch'] >= 0
+        latest = max(done_files, key=lambda p: int(p.split('-')[2].split('.')[0]))
+        done = subprocess.run(cmd(out, '--resume', str(saved / latest)), cwd=ROOT, capture_output=True,
+                              text=True, env=ENV, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        resumed = torch.load(saved / 'MISSRec-DemoPT-4.pth', weights_only=True)
+        for k, v in final['state_dict'].items():
+            assert torch.equal(v, resumed['state_dict'][k]), k
