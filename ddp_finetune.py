@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 import distributed as D
 import finetune
 import metrics as M
+from checkpoints import CheckpointError
 from config import ConfigError
 from data.dataset import DataError
 from data.loader import SeqBatches
-from ddp_pretrain import spawn
 from trainer import Trainer, init_logger, init_seed, local_time, logger
 
 
@@ -153,10 +153,9 @@ def process_main(args, rest):
         config = finetune.build_config(args, rest)
         D.init_from_env(config['use_gpu'])
         if D.is_dist() and not (config['use_gpu'] and torch.cuda.is_available()):
-            from ddp_pretrain import cpu_threads
-            torch.set_num_threads(cpu_threads())
+            torch.set_num_threads(D.cpu_threads())
         out = run(config, args.resume)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
         print(f'error (rank {D.rank()}): {e}', file=sys.stderr)
         return 2
     finally:
@@ -164,15 +163,6 @@ def process_main(args, rest):
     if D.rank() == 0 and out['log']:
         finetune.print_table(out)
     return 0
-
-
-def _spawned(index, nproc, port, args, rest):
-    import os
-    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
-                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    code = process_main(args, rest)
-    if code:
-        sys.exit(code)
 
 
 def main(argv=None):
@@ -183,23 +173,13 @@ def main(argv=None):
         nproc = int(argv[i + 1])
         del argv[i:i + 2]
     args, rest = finetune.parse_args(argv)
-    if D.launched_by_torchrun():
-        return process_main(args, rest)
-    try:
-        config = finetune.build_config(args, rest)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    gpus = torch.cuda.device_count() if config['use_gpu'] and torch.cuda.is_available() else 0
-    nproc = nproc or max(gpus, 1)
-    if nproc == 1:
-        return process_main(args, rest)
-    try:
-        spawn(_spawned, nproc, args, rest)
-    except Exception as e:
-        print(f'error: a process failed: {e}', file=sys.stderr)
-        return 1
-    return 0
+    if not D.launched_by_torchrun():
+        try:
+            nproc = nproc or D.default_nproc(finetune.build_config(args, rest)['use_gpu'])
+        except ConfigError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+    return D.launch(process_main, nproc, args, rest)
 
 
 if __name__ == '__main__':

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import socket
 import sys
 import time
 import traceback
@@ -241,13 +240,6 @@ class Pretrainer:
         return losses
 
 
-def cpu_threads():
-    """Threads per CPU process: the cores this process may use, split over the local processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', 1)))
-    return max(1, cores // local)
-
-
 def run(config, resume=''):
     """One process's pre-training (the process group, if any, is already set up).
 
@@ -276,7 +268,7 @@ def process_main(args, rest):
         config = build_config(args, rest)
         D.init_from_env(config['use_gpu'])
         if not (config['use_gpu'] and torch.cuda.is_available()) and 'OMP_NUM_THREADS' not in os.environ:
-            torch.set_num_threads(cpu_threads())
+            torch.set_num_threads(D.cpu_threads())
         run(config, args.resume)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f'error (rank {D.rank()}): {e}', file=sys.stderr)
@@ -291,45 +283,15 @@ def process_main(args, rest):
     return 0
 
 
-def _spawned(index, nproc, port, args, rest):
-    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
-                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    code = process_main(args, rest)
-    if code:
-        sys.exit(code)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, nproc, *args):
-    """Run fn(index, nproc, port, *args) in `nproc` processes; a failing one stops them all."""
-    import torch.multiprocessing as mp
-    mp.spawn(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=True)
-
-
 def main(argv=None):
     args, rest = parse_args(argv)
-    if D.launched_by_torchrun():
-        return process_main(args, rest)
-    try:
-        config = build_config(args, rest)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    gpus = torch.cuda.device_count() if config['use_gpu'] and torch.cuda.is_available() else 0
-    nproc = args.nproc or max(gpus, 1)
-    if nproc == 1:
-        return process_main(args, rest)
-    try:
-        spawn(_spawned, nproc, args, rest)
-    except Exception as e:   # ProcessRaisedException / ProcessExitedException carry the rank's error
-        print(f'error: a process failed: {e}', file=sys.stderr)
-        return 1
-    return 0
+    if not D.launched_by_torchrun():
+        try:
+            args.nproc = args.nproc or D.default_nproc(build_config(args, rest)['use_gpu'])
+        except ConfigError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+    return D.launch(process_main, args.nproc, args, rest)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,8 @@ it all-reduces and slices).
 """
 import datetime
 import os
+import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -166,3 +168,50 @@ def gather_rows_interleaved(x):
     for r, p in enumerate(parts):
         out[r::w] = p
     return out
+
+
+# ------------------------------------------------------------------- launching
+def cpu_threads():
+    """Threads per CPU process: the cores this process may use, split over the local processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', 1)))
+    return max(1, cores // local)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, nproc, *args):
+    """Run fn(index, nproc, port, *args) in `nproc` local processes; a failing one stops them all."""
+    import torch.multiprocessing as mp
+    mp.spawn(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=True)
+
+
+def run_as_rank(index, nproc, port, entry, *args):
+    """Body of a spawned process: the environment torchrun would set, then `entry(*args)`."""
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    code = entry(*args)
+    if code:
+        sys.exit(code)
+
+
+def default_nproc(use_gpu):
+    """One process per visible GPU, or one CPU process."""
+    return max(torch.cuda.device_count() if use_gpu and torch.cuda.is_available() else 0, 1)
+
+
+def launch(entry, nproc, *args):
+    """`entry(*args)` here (under torchrun, or for one process), else in `nproc` spawned processes.
+    Returns an exit code."""
+    if nproc == 1 or launched_by_torchrun():
+        return entry(*args)
+    try:
+        spawn(run_as_rank, nproc, entry, *args)
+    except Exception as e:   # ProcessRaisedException / ProcessExitedException carry the rank's error
+        print(f'error: a process failed: {e}', file=sys.stderr)
+        return 1
+    return 0

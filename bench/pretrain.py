@@ -21,14 +21,14 @@ import torch  # noqa: E402
 import distributed as D  # noqa: E402
 from config import Config, stage_files  # noqa: E402
 from data.pretrain import PretrainDataset  # noqa: E402
-from ddp_pretrain import Pretrainer, cpu_threads, spawn  # noqa: E402
+from ddp_pretrain import Pretrainer  # noqa: E402
 from tools.make_demo_data import write_pretrain  # noqa: E402
 
 
 def _worker(index, nproc, port, root, a, out):
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(a.threads or cpu_threads())
+    torch.set_num_threads(a.threads or D.cpu_threads())
     D.init_from_env(use_gpu=False)
     try:
         cfg = Config('DemoPT', stage_files('pretrain'), {
@@ -63,7 +63,7 @@ def main():
         rates = {}
         for n in (int(x) for x in a.nprocs.split(',')):
             out = os.path.join(tmp, f'time{n}')
-            spawn(_worker, n, tmp, a, out)
+            D.spawn(_worker, n, tmp, a, out)
             seconds = float(pathlib.Path(out).read_text())
             rates[n] = a.steps * a.batch / seconds
             threads = a.threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')

@@ -18,7 +18,8 @@ import finetune
 from config import Config, stage_files
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
-from ddp_pretrain import Pretrainer, spawn
+from ddp_pretrain import Pretrainer
+from distributed import spawn
 from tools.make_demo_data import write_downstream, write_pretrain
 from trainer import Trainer, init_seed, run_interest_discovery
 
@@ -158,7 +159,7 @@ def _fail_on_rank_1(args, rest):
 def _failing(index, nproc, port):
     import ddp_pretrain
     ddp_pretrain.run = lambda config, resume: _fail_on_rank_1(None, None)
-    ddp_pretrain._spawned(index, nproc, port, *ddp_pretrain.parse_args(['--use_gpu=False']))
+    D.run_as_rank(index, nproc, port, ddp_pretrain.process_main, *ddp_pretrain.parse_args(['--use_gpu=False']))
 
 
 def test_a_failing_rank_stops_the_job_with_its_error(capfd):
