@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import distributed as D
 import finetune
-import metrics as M
 from checkpoints import CheckpointError
 from config import ConfigError
 from data.dataset import DataError
@@ -135,17 +134,7 @@ def run(config, resume=''):
     if resume:
         trainer.resume(resume)
     trainer.fit(batches['train'], batches['valid'])
-    trainer.load_best()
-    test_results = trainer.evaluate(batches['test'], desc='Test')
-    best = trainer.best_valid_result
-    logger.info(f'best valid : {M.ordered_repr(trainer.primary(best))}')
-    logger.info(f'test result: {M.ordered_repr(trainer.primary(test_results))}')
-    logger.info(f'best valid (original top-K+1) : {M.ordered_repr(best[1])}')
-    logger.info(f'test result (original top-K+1): {M.ordered_repr(test_results[1])}')
-    pop = finetune.popularity_result(dataset, config)
-    logger.info(f'most-popular baseline, test: {M.ordered_repr(pop)}')
-    return {'best_valid': best, 'test': test_results, 'popularity': pop, 'log': log_path,
-            'checkpoint': trainer.saved_model_file, 'best_epoch': trainer.best_valid_epoch}
+    return finetune.finish(trainer, dataset, config, batches['test'], log_path)
 
 
 def process_main(args, rest):

@@ -129,8 +129,13 @@ def run(config, resume=''):
     if resume:
         trainer.resume(resume)
     trainer.fit(train, valid)
+    return finish(trainer, dataset, config, test, log_path)
+
+
+def finish(trainer, dataset, config, test_batches, log_path):
+    """Reload the best checkpoint, evaluate on test, log the final lines (SPEC 5)."""
     trainer.load_best()
-    test_results = trainer.evaluate(test, desc='Test')
+    test_results = trainer.evaluate(test_batches, desc='Test')
     best = trainer.best_valid_result
     logger.info(f'best valid : {M.ordered_repr(trainer.primary(best))}')
     logger.info(f'test result: {M.ordered_repr(trainer.primary(test_results))}')
