@@ -66,6 +66,21 @@ def test_packed_forward_equals_padded_nn_transformer(stage, item_fusion, seq_fus
     assert torch.allclose(scores, scores_ref, atol=1e-4)
 
 
+def test_rows_with_many_distinct_interests_match_the_reference():
+    """Up to 18 distinct interests per row: several encoder buckets of different widths."""
+    model = small_model()
+    n = N - 1
+    labels = torch.randperm(2 * n, generator=torch.Generator().manual_seed(0)) % model.num_interest
+    model.set_interests(labels, torch.randn(model.num_interest, 64))
+    seq, lens = batch(lengths=(1, 9, 2, 5, 9, 3, 7, 8), width=9)
+    distinct = [len(set(r.tolist()) - {0}) for r in model.interest_ids(seq)]
+    assert max(distinct) > 8 and min(distinct) <= 2
+    with torch.no_grad():
+        s, reg = model.finetune_seq_output(seq, lens, model.adapted_tables())
+        s_ref, reg_ref = ref.seq_output(model, seq, lens)
+    assert torch.allclose(s, s_ref, atol=1e-5) and torch.allclose(reg, reg_ref, rtol=1e-5)
+
+
 def test_loss_equals_reference_cross_entropy_plus_regulariser():
     model = small_model()
     seq, lens = batch()
