@@ -1,9 +1,9 @@
 """Pre-training throughput (sequences/s) with 1 and 2 CPU processes on the demo pre-training set.
 
-    python bench/pretrain.py [--steps 6] [--batch 512] [--hidden 300] [--nprocs 1,2]
+    python bench/pretrain.py [--steps 6] [--batch 512] [--hidden 300] [--setups 1x1,1x2,2x1]
 
-Same global batch and steps for every process count; each process uses
-cores // nproc torch threads. Timing covers training steps only (after one
+Same global batch and steps for every setup (processes x torch threads per
+process). Timing covers training steps only (after one
 warm-up step), not start-up, data loading or interest discovery. Ends with one
 line `RESULT key=value ...`.
 """
@@ -28,7 +28,7 @@ from tools.make_demo_data import write_pretrain  # noqa: E402
 def _worker(index, nproc, port, root, a, out):
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(a.threads or D.cpu_threads())
+    torch.set_num_threads(a.threads)
     D.init_from_env(use_gpu=False)
     try:
         cfg = Config('DemoPT', stage_files('pretrain'), {
@@ -55,25 +55,25 @@ def main():
     ap.add_argument('--steps', type=int, default=6)
     ap.add_argument('--batch', type=int, default=512)
     ap.add_argument('--hidden', type=int, default=300)
-    ap.add_argument('--nprocs', default='1,2')
-    ap.add_argument('--threads', type=int, default=0, help='threads per process (default cores // nproc)')
+    ap.add_argument('--setups', default='1x1,1x2,2x1', help='processes x threads per process, comma-separated')
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_pretrain(tmp, name='DemoPT')                             # 3 domains x 600 users, 512-d features
         rates = {}
-        for n in (int(x) for x in a.nprocs.split(',')):
-            out = os.path.join(tmp, f'time{n}')
+        print('| processes x threads | sequences/s | seconds |\n|---|---|---|')
+        for setup in a.setups.split(','):
+            n, a.threads = (int(v) for v in setup.split('x'))
+            out = os.path.join(tmp, f'time{setup}')
             D.spawn(_worker, n, tmp, a, out)
             seconds = float(pathlib.Path(out).read_text())
-            rates[n] = a.steps * a.batch / seconds
-            threads = a.threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                              else os.cpu_count()) // n)
-            print(f'{n} process(es) x {threads} thread(s): {rates[n]:.1f} sequences/s ({seconds:.2f}s '
-                  f'for {a.steps} steps of {a.batch})', flush=True)
-    parts = [f'seq_per_s_{n}proc={r:.1f}' for n, r in rates.items()]
-    if 1 in rates and len(rates) > 1:
-        top = max(rates)
-        parts.append(f'speedup_{top}proc={rates[top] / rates[1]:.2f}')
+            rates[setup] = a.steps * a.batch / seconds
+            print(f'| {setup} | {rates[setup]:.1f} | {seconds:.2f} |', flush=True)
+    parts = [f'seq_per_s_{k}={r:.1f}' for k, r in rates.items()]
+    # scaling of the distributed code (the same thread per process), and what a second
+    # process adds on this machine over one process that already uses every core
+    for base in ('1x1', '1x2'):
+        if base in rates and '2x1' in rates:
+            parts.append(f'speedup_2x1_over_{base}={rates["2x1"] / rates[base]:.2f}')
     print('RESULT ' + ' '.join(parts + [f'batch={a.batch}', f'hidden={a.hidden}', f'steps={a.steps}']))
 
 
