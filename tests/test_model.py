@@ -202,7 +202,7 @@ def test_initialisation_follows_the_original_base():
     bound = 1 / 512 ** 0.5
     w, b = model.text_adaptor.weight.detach(), model.text_adaptor.bias.detach()
     assert float(w.abs().max()) <= bound and float(b.abs().max()) > 0
-    assert float(model.fusion_factor) == 0.0
+    assert float(model.fusion_factor.detach()) == 0.0
 
 
 def test_training_step_reaches_every_trainable_parameter():
