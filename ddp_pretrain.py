@@ -23,12 +23,10 @@ import argparse
 import logging
 import math
 import os
-import random
 import sys
 import time
 import traceback
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -40,7 +38,7 @@ from config import Config, ConfigError, parse_overrides, stage_files
 from data.dataset import DataError
 from data.pretrain import PretrainBatches, PretrainDataset
 from missrec import MISSRec
-from trainer import atomic_save, init_logger, init_seed, local_time, logger
+from trainer import atomic_save, init_logger, init_seed, local_time, logger, rng_state, set_rng_state
 
 
 def parse_args(argv=None):
@@ -79,24 +77,6 @@ def _to(batch, device):
     if isinstance(batch, dict):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch
-
-
-def rng_state():
-    """Random states as tensors and plain types, so that `torch.load(weights_only=True)` reads them."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
-            'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'].cpu())
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if state.get('cuda') is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 class Pretrainer:

@@ -9,7 +9,6 @@ API (RecBole style): `calculate_loss(batch) -> loss`, `full_sort_predict(batch)
 -> [B, N]`, `seq_output(...) -> ([B, H], reg)`, `interest_points()` and
 `set_interests(...)` for interest discovery.
 """
-import copy
 import math
 
 import torch

@@ -12,7 +12,6 @@ decoder layer computes its queries only at the output positions. Attention
 still uses the padded layout with key-padding masks, so the result equals the
 padded computation (tests/test_model.py checks this against `nn.Transformer`).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

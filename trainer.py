@@ -77,6 +77,24 @@ def atomic_save(obj, path):
         raise
 
 
+def rng_state():
+    """Random states as tensors and plain types, so that `torch.load(weights_only=True)` reads them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'].cpu())
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if state.get('cuda') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
 def run_interest_discovery(model, config, epoch):
     """Cluster the adapted item rows of every modality and write the interest tables (SPEC 3.1)."""
     if not model.modalities:
@@ -241,13 +259,12 @@ class Trainer:
             'best_model_file': self.saved_model_file,
             'state_dict': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
-            'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
-                    'python': random.getstate()},
+            'rng': rng_state(),
         }, self.last_model_file)
 
     def resume(self, path):
         """Continue from a checkpoint written by `save_last`."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
         if 'rng' not in ckpt:
             raise ValueError(f'{path}: not a resumable checkpoint (expected the *-last.pth file of a run)')
         self.model.load_state_dict(ckpt['state_dict'])
@@ -258,9 +275,7 @@ class Trainer:
         self.best_valid_result = ckpt['best_valid_result']
         self.best_valid_epoch = ckpt['best_valid_epoch']
         self.saved_model_file = ckpt['best_model_file']
-        torch.set_rng_state(ckpt['rng']['torch'])
-        np.random.set_state(ckpt['rng']['numpy'])
-        random.setstate(ckpt['rng']['python'])
+        set_rng_state(ckpt['rng'])
         logger.info(f'Resuming from {path} at epoch {self.start_epoch}')
 
     def load_best(self):

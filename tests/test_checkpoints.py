@@ -5,7 +5,6 @@ import io
 import os
 import re
 import pickle
-import re
 import sys
 import types
 

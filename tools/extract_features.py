@@ -309,16 +309,16 @@ def extract(data: str, name: Optional[str] = None, model: str = "openai/clip-vit
         final = f"{base}.feat{f}CLS"
         if f == 1:
             _run_feature(final, n, dim, batch_size, dict(common, kind="text"), text_compute(False),
-                         f"feat1CLS", after_batch)
+                         "feat1CLS", after_batch)
             summary["feat1CLS_zero_rows"] = n_no_text
         elif f == 2:
             _run_feature(final, n, dim, batch_size,
                          dict(common, kind="text_word_drop", word_drop=word_drop_ratio, seed=seed),
-                         text_compute(True), f"feat2CLS", after_batch)
+                         text_compute(True), "feat2CLS", after_batch)
             summary["feat2CLS_zero_rows"] = n_no_text
         elif f == 3:
             _run_feature(final, n, dim, batch_size, dict(common, kind="image", images=images, cache=image_cache),
-                         image_compute, f"feat3CLS", after_batch)
+                         image_compute, "feat3CLS", after_batch)
             summary["feat3CLS_missing_images"] = missing_images
             summary["feat3CLS_unreadable_images"] = unreadable_images
         else:
