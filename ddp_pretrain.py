@@ -225,12 +225,12 @@ def run(config, resume=''):
 
     Returns {'losses': [...], 'checkpoints': [...], 'log': path or None, 'trainer': Pretrainer}.
     """
+    device = torch.device('cuda', D.local_rank()) if config['use_gpu'] and torch.cuda.is_available() \
+        else torch.device('cpu')
+    dataset = PretrainDataset(config).to(device)          # read and checked before anything is written
     log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], 'pretrain', local_time()],
                            main_process=D.is_main_process())
     logger.info('\n' + str(config) + '\n')
-    device = torch.device('cuda', D.local_rank()) if config['use_gpu'] and torch.cuda.is_available() \
-        else torch.device('cpu')
-    dataset = PretrainDataset(config).to(device)
     logger.info(str(dataset))
     logger.info(f'processes: {D.world_size()}, device: {device}, '
                 f'contrastive negatives: {config["contrastive_negatives"]}')
