@@ -9,21 +9,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def seq_output(model, item_seq, item_seq_len):
-    """SPEC 3.2 on padded [B, L] sequences, through nn.Transformer itself."""
+def seq_output(model, item_seq, item_seq_len, raw=None, lookup=None, interest_embeddings=None):
+    """SPEC 3.2 on padded [B, L] sequences, through nn.Transformer itself.
+
+    raw: {modality: float [B, L, D]} raw features of each position (default: the
+    model's fine-tuning tables); lookup: {modality: long [B, L]} interest ids
+    (default: the model's lookup tables); interest_embeddings: [K+1, H]."""
     mods = model.modalities
-    feats = {m: model.adaptor(m)(getattr(model, model._table_name(m))(item_seq)) for m in mods}
-    empty = {m: getattr(model, f'{model._table_name(m)}_empty_mask')[item_seq] for m in mods}
+    if raw is None:
+        raw = {m: getattr(model, model._table_name(m))(item_seq) for m in mods}
+    if lookup is None:
+        lookup = {m: getattr(model, f'{model._prefix(m)}_interest_lookup_table')[item_seq] for m in mods}
+    if interest_embeddings is None:
+        interest_embeddings = model.interest_embeddings
+    feats = {m: model.adaptor(m)(raw[m]) for m in mods}
+    empty = {m: ~raw[m].sum(-1).bool() for m in mods}
     if model.seq_mm_fusion == 'add':
         item_emb = sum(feats[m] for m in mods)                           # [B, L, H]
     else:
         item_emb = torch.stack([feats[m] for m in mods], dim=1)          # [B, M, L, H]
 
-    lookups = torch.cat([getattr(model, f'{model._prefix(m)}_interest_lookup_table')[item_seq]
-                         for m in mods], dim=-1)
+    lookups = torch.cat([lookup[m] for m in mods], dim=-1)
     uniq = [row.unique() for row in lookups]
     interest_seq = nn.utils.rnn.pad_sequence(uniq, batch_first=True, padding_value=0)
-    interest_emb = model.interest_embeddings[interest_seq]
+    interest_emb = interest_embeddings[interest_seq]
     src_mask = interest_seq == 0
 
     pos = model.position_embedding(torch.arange(item_seq.shape[1]))
@@ -68,3 +77,38 @@ def scores(model, s):
             emb = emb + model.item_embedding.weight
         fused = s @ F.normalize(emb, dim=1).t()
     return fused / model.temperature
+
+
+def pretrain_loss(model, tables, interests, seq, lens, seq_aug, lens_aug, text_aug, img_seq_aug, pad_len):
+    """Sequence sides of SPEC 3.4 for one process: (s, s', reg + reg'), padded to `pad_len` as the original.
+
+    tables: {'text', 'text_aug', 'img': [N, D]}; interests: `InterestTables`;
+    text_aug: bool [B, L] positions whose text is the word-dropped feature (word drop) or None;
+    img_seq_aug: the sequence the augmented copy takes its image side from."""
+    def pad(x):
+        return F.pad(x, (0, pad_len - x.shape[1]))
+    seq, seq_aug, img_seq_aug = pad(seq), pad(seq_aug), pad(img_seq_aug)
+    text_aug = None if text_aug is None else pad(text_aug)
+    mods = model.modalities
+    raw = {m: tables[m][seq] for m in mods}
+    lookup = {m: interests.lookup[m][seq] for m in mods}
+    s, reg = seq_output(model, seq, lens, raw, lookup, interests.embeddings)
+    raw_aug, lookup_aug = {}, {}
+    for m in mods:
+        side = seq_aug if m == 'text' else img_seq_aug
+        raw_aug[m] = tables[m][side]
+        if m == 'text' and text_aug is not None:
+            raw_aug[m] = torch.where(text_aug.unsqueeze(-1), tables['text_aug'][side], raw_aug[m])
+        lookup_aug[m] = interests.lookup[m][side]
+    s_aug, reg_aug = seq_output(model, seq_aug, lens_aug, raw_aug, lookup_aug, interests.embeddings)
+    return s, s_aug, reg + reg_aug
+
+
+def fused(model, s, item_vectors):
+    """SPEC 3.3 fusion of per-modality logits, literal (two-way softmax)."""
+    if len(item_vectors) == 1:
+        return s @ F.normalize(next(iter(item_vectors.values())), dim=1).t()
+    x = torch.stack([s @ F.normalize(item_vectors[m], dim=1).t() for m in ('text', 'img')], -1)
+    if model.item_mm_fusion == 'static':
+        return x.mean(-1)
+    return (x * F.softmax(x * model.fusion_factor.unsqueeze(-1), -1)).sum(-1)

@@ -201,3 +201,53 @@ def test_pretraining_helps_finetuning(tmp_path):
         scores[name] = finetune.run(finetune.build_config(args, rest))['best_valid'][0]['ndcg@10']
     print('valid ndcg@10:', scores)
     assert scores['pretrained'] > scores['scratch']
+
+
+@pytest.mark.parametrize('mode,quirk,fusion', [('item', True, 'dynamic_shared'), ('item', False, 'static'),
+                                               ('word', True, 'dynamic_shared')])
+def test_pretraining_loss_equals_a_literal_reference(pre, mode, quirk, fusion):
+    """seq-item + lambda * seq-seq + gamma * (reg + reg') of SPEC 3.4, against nn.Transformer on padded inputs."""
+    import torch.nn.functional as F
+    import tests.reference as ref
+    from cluster_utils import discover_interests
+    from missrec import MISSRec
+    cfg = config(pre, hidden_dropout_prob=0.0, item_mm_fusion=fusion)
+    ds = PretrainDataset(cfg)
+    torch.manual_seed(0)
+    model = MISSRec(cfg, ds.n_items).eval()
+    if fusion != 'static':
+        with torch.no_grad():
+            model.fusion_factor.fill_(0.7)
+    points = model.pretrain_interest_points(ds.tables, 64)
+    labels, centroids, _ = discover_interests(points, ds.interests.num_interest, kmeans_mode='lloyd')
+    ds.interests.set(labels, centroids)
+
+    rows = torch.arange(24)
+    lens = ds.split['item_seq_len'][rows]
+    seq = ds.split['item_seq'][rows, :int(lens.max())]
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(seq.shape, generator=g) < 0.7
+    if mode == 'item':
+        forced = keep | (seq == 0)
+        forced[:, 0] = True
+        seq_aug, lens_aug = item_drop(seq, lens, forced, quirk)
+        word = None
+    else:
+        seq_aug, lens_aug, word = seq, lens, ~keep
+    batch = build_batch(ds, {'item_seq': seq, 'item_seq_len': lens, 'item_id': ds.split['item_id'][rows],
+                             'item_seq_aug': seq_aug, 'item_seq_len_aug': lens_aug, 'word_mask': word}, mode, quirk)
+    with torch.no_grad():
+        seq_item, seq_seq, reg = model.pretrain_losses(batch, ds.interests.embeddings)
+        ours = seq_item.mean() + model.lam * seq_seq.mean() + model.gamma * reg
+
+        img_side = seq if (mode == 'item' and quirk) else seq_aug
+        s, s_aug, reg_ref = ref.pretrain_loss(model, ds.tables, ds.interests, seq, lens, seq_aug, lens_aug,
+                                              word, img_side, ds.pad_len)
+        target = ds.split['item_id'][rows]
+        items = {m: model.adaptor(m)(ds.tables[m][target]) for m in model.modalities}
+        labels = torch.arange(len(rows))
+        expected = (F.cross_entropy(ref.fused(model, s, items) / model.temperature, labels)
+                    + model.lam * F.cross_entropy(s @ s_aug.t() / model.temperature, labels)
+                    + model.gamma * reg_ref)
+    assert torch.allclose(reg, reg_ref, rtol=1e-5)
+    assert torch.allclose(ours, expected, rtol=1e-5), (float(ours), float(expected))
