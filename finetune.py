@@ -118,7 +118,7 @@ def run(config, resume=''):
         logger.info(line)
     logger.info(str(model))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    logger.info(f'Trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
+    logger.info(f'Trainable parameters: {float(sum(p.numel() for p in model.parameters() if p.requires_grad))}')
     logger.info(f'Trainable parameters: {trainable}')
 
     train = SeqBatches(dataset.splits['train'], config['train_batch_size'], shuffle=True,

@@ -190,6 +190,10 @@ def test_scientific_sized_frozen_model_has_1624201_trainable_parameters(tmp_path
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_624_201
     assert torch.equal(model.trm_model.encoder.layers[0].linear1.weight,
                        pretrain.trm_model.encoder.layers[0].linear1.weight)
+    unfrozen = MISSRec(Config(), n_items, plm, plm.clone())
+    load_pretrained(unfrozen, str(path), freeze=False)               # finetune.py -p ... --no-freeze
+    assert all(p.requires_grad for n, p in unfrozen.named_parameters() if 'plm_embedding' not in n
+               and 'img_embedding' not in n)
 
 
 def test_initialisation_follows_the_original_base():
