@@ -154,7 +154,7 @@ class Pretrainer:
             loss = seq_item.mean() + self.lam * seq_seq.mean() + self.gamma * reg
             value = D.all_reduce_sum(loss.detach()) / w
         if not torch.isfinite(value):   # the same value on every rank: all of them stop
-            raise FloatingPointError(f'training loss is {value.item()}; last checkpoints: {self.saved[-1:]}')
+            raise FloatingPointError(f'training loss is {value.item()}')
         # step
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,7 +167,15 @@ class Pretrainer:
         self.model.train()
         self.batches.set_epoch(epoch)
         it = tqdm(self.batches, desc=f'Train {epoch:>5}', ncols=100) if self.show_progress else self.batches
-        return sum(self.step(_to(batch, self.device)) for batch in it)
+        total = 0.0
+        for i, batch in enumerate(it):
+            try:
+                total += self.step(_to(batch, self.device))
+            except FloatingPointError as e:
+                last = self.saved[-1] if self.saved else 'none yet'
+                raise FloatingPointError(f'{e} at epoch {epoch}, batch {i}; the last good checkpoint is {last}') \
+                    from None
+        return total
 
     # ------------------------------------------------------------- checkpoints
     def checkpoint_path(self, epoch):
@@ -250,7 +258,7 @@ def process_main(args, rest):
         if not (config['use_gpu'] and torch.cuda.is_available()) and 'OMP_NUM_THREADS' not in os.environ:
             torch.set_num_threads(D.cpu_threads())
         run(config, args.resume)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:
         print(f'error (rank {D.rank()}): {e}', file=sys.stderr)
         return 2
     except BaseException:

@@ -251,3 +251,20 @@ def test_pretraining_loss_equals_a_literal_reference(pre, mode, quirk, fusion):
                     + model.gamma * reg_ref)
     assert torch.allclose(reg, reg_ref, rtol=1e-5)
     assert torch.allclose(ours, expected, rtol=1e-5), (float(ours), float(expected))
+
+
+def test_a_nan_loss_stops_pretraining_naming_epoch_and_batch(pre, tmp_path, monkeypatch, capsys):
+    from missrec import MISSRec
+    real = MISSRec.pretrain_losses
+    calls = {'n': 0}
+
+    def nan_at_third_batch(self, *args, **kwargs):
+        calls['n'] += 1
+        seq_item, seq_seq, reg = real(self, *args, **kwargs)
+        return (seq_item * float('nan'), seq_seq, reg) if calls['n'] == 3 else (seq_item, seq_seq, reg)
+
+    monkeypatch.setattr(MISSRec, 'pretrain_losses', nan_at_third_batch)
+    args = ['-d', 'DemoPT', f'--data_path={pre}', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
+            *TINY, '--use_gpu=False', '--pretrain_epochs=2', '--train_batch_size=64']
+    assert ddp_pretrain.main(args) == 2
+    assert 'training loss is nan at epoch 0, batch 2; the last good checkpoint is none yet' in capsys.readouterr().err
