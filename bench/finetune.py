@@ -31,6 +31,8 @@ ORIGINAL_VALID_S = 5.1
 def timed(fn):
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
@@ -39,14 +41,16 @@ def main():
     parser.add_argument('-d', default='Scientific_mini')
     parser.add_argument('--data_path', default=os.path.join('..', 'shared', 'datasets', 'downstream'))
     parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('overrides', nargs='*', help='--key=value config overrides (after --)')
     args = parser.parse_args()
     overrides = dict(parse_overrides(args.overrides), data_path=args.data_path, show_progress=False)
     config = Config(args.d, stage_files('finetune'), overrides)
     init_seed(config['seed'])
     dataset = SeqDataset(config)
-    model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
-    trainer = Trainer(config, model, torch.device('cpu'))
+    device = torch.device(args.device)
+    model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table).to(device)
+    trainer = Trainer(config, model, device)
     train = SeqBatches(dataset.splits['train'], config['train_batch_size'], True, config['seed'], dataset.pad_len)
     valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], pad_len=dataset.pad_len)
 
@@ -62,7 +66,7 @@ def main():
 
     med = {k: statistics.median(v) for k, v in (('epoch', epochs), ('discovery', disc), ('valid', evals))}
     print(f"\n{args.d}, train_stage {config['train_stage']}, kmeans_mode {config['kmeans_mode']}, "
-          f"{torch.get_num_threads()} threads, {args.epochs} epochs")
+          f"{args.device} ({torch.get_num_threads()} CPU threads), {args.epochs} epochs")
     print('| step | median s | min s | original s | speed-up |')
     print('|---|---|---|---|---|')
     print(f"| training epoch | {med['epoch']:.2f} | {min(epochs):.2f} | {ORIGINAL_EPOCH_S} | "
@@ -72,7 +76,7 @@ def main():
           f"{ORIGINAL_VALID_S / med['valid']:.1f}x |")
     print(f'train loss by epoch: {", ".join(f"{x:.4f}" for x in losses)}; peak memory {peak_mb:.0f} MB')
     print(f"RESULT dataset={args.d} epoch_s={med['epoch']:.2f} discovery_s={med['discovery']:.3f} "
-          f"valid_s={med['valid']:.2f} peak_mb={peak_mb:.0f} speedup_vs_original={ORIGINAL_EPOCH_S / med['epoch']:.2f}")
+          f"valid_s={med['valid']:.2f} device={args.device} peak_mb={peak_mb:.0f} speedup_vs_original={ORIGINAL_EPOCH_S / med['epoch']:.2f}")
 
 
 if __name__ == '__main__':

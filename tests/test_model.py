@@ -81,6 +81,16 @@ def test_rows_with_many_distinct_interests_match_the_reference():
     assert torch.allclose(s, s_ref, atol=1e-5) and torch.allclose(reg, reg_ref, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_packed_forward_on_cuda_equals_the_cpu():
+    model = small_model(seq_mm_fusion='contextual')
+    seq, lens = batch()
+    with torch.no_grad():
+        cpu = model.full_sort_predict({'item_seq': seq, 'item_seq_len': lens})
+        gpu = model.cuda().full_sort_predict({'item_seq': seq.cuda(), 'item_seq_len': lens.cuda()})
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-3)
+
+
 def test_loss_equals_reference_cross_entropy_plus_regulariser():
     model = small_model()
     seq, lens = batch()
