@@ -185,22 +185,23 @@ def test_batches_are_the_global_batch_sharded(pre):
 
 # ---------------------------------------------------------------- transfer
 def test_pretraining_helps_finetuning(tmp_path):
-    """Pre-train 10 epochs on the demo corpus, then fine-tune 2 epochs on the demo downstream set
-    (which shares its latent world): the pre-trained start reaches a better valid NDCG@10 than
-    a random start. The margin is small at this budget (measured 0.3558 vs 0.3496), but the
-    runs are deterministic on the CPU, so the comparison is stable."""
-    write_pretrain(tmp_path / 'pre', name='DemoPT', n_users_per_domain=150, n_items_per_domain=100,
+    """Pre-train 20 epochs on the demo corpus, then fine-tune 3 epochs on the demo downstream set
+    (which shares its latent world): the pre-trained start reaches a better valid NDCG@10 than a
+    random start, with and without item IDs. Measured: transductive 0.3656 vs 0.3554, inductive
+    0.3490 vs 0.3397; the runs are deterministic on the CPU, so the comparison is stable."""
+    write_pretrain(tmp_path / 'pre', name='DemoPT', n_users_per_domain=300, n_items_per_domain=100,
                    dim=32, seed=7)
     write_downstream(tmp_path / 'down', name='Demo', n_users=300, n_items=100, dim=32, seed=7)
-    out = pretrain(tmp_path / 'pre', tmp_path, '--pretrain_epochs=10', '--save_step=10', '--train_batch_size=256')
-    scores = {}
-    for name, p in (('pretrained', ['-p', out['checkpoints'][-1]]), ('scratch', [])):
-        args, rest = finetune.parse_args(['-d', 'Demo', f'--data_path={tmp_path}/down', *p, '--epochs=2',
-                                          f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
-                                          *TINY])
-        scores[name] = finetune.run(finetune.build_config(args, rest))['best_valid'][0]['ndcg@10']
-    print('valid ndcg@10:', scores)
-    assert scores['pretrained'] > scores['scratch']
+    out = pretrain(tmp_path / 'pre', tmp_path, '--pretrain_epochs=20', '--save_step=20', '--train_batch_size=256')
+    for mode in ('transductive', 'inductive'):
+        scores = {}
+        for name, p in (('pretrained', ['-p', out['checkpoints'][-1]]), ('scratch', [])):
+            args, rest = finetune.parse_args(['-d', 'Demo', f'--data_path={tmp_path}/down', '-mode', mode, *p,
+                                              '--epochs=3', f'--checkpoint_dir={tmp_path}/saved',
+                                              f'--log_dir={tmp_path}/log', *TINY])
+            scores[name] = finetune.run(finetune.build_config(args, rest))['best_valid'][0]['ndcg@10']
+        print(mode, 'valid ndcg@10:', scores)
+        assert scores['pretrained'] > scores['scratch'] + 0.005
 
 
 @pytest.mark.parametrize('mode,quirk,fusion', [('item', True, 'dynamic_shared'), ('item', False, 'static'),
