@@ -47,8 +47,7 @@ class SeqBatches:
         width = max(int(lengths.max()), 1) if len(rows) else 1
         out = {'item_seq': self.split['item_seq'][rows, :width],
                'item_seq_len': lengths,
-               'item_id': self.split['item_id'][rows],
-               'row': rows}
+               'item_id': self.split['item_id'][rows]}
         if self.pad_len is not None:
             out['pad_len'] = self.pad_len
         return out
