@@ -204,6 +204,8 @@ def test_scientific_sized_frozen_model_has_1624201_trainable_parameters(tmp_path
     load_pretrained(unfrozen, str(path), freeze=False)               # finetune.py -p ... --no-freeze
     assert all(p.requires_grad for n, p in unfrozen.named_parameters() if 'plm_embedding' not in n
                and 'img_embedding' not in n)
+    # the original's log of run01 on Scientific_mm_full: "Trainable parameters: 3035313.0"
+    assert sum(p.numel() for p in unfrozen.parameters() if p.requires_grad) == 3_035_313
 
 
 def test_initialisation_follows_the_original_base():
