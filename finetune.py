@@ -17,7 +17,7 @@ import torch
 
 import metrics as M
 from checkpoints import CheckpointError, load_checkpoint
-from config import Config, ConfigError, stage_files
+from config import Config, ConfigError, parse_overrides, stage_files
 from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
 from missrec import MISSRec
@@ -41,7 +41,6 @@ def parse_args(argv=None):
 
 
 def build_config(args, rest):
-    from config import parse_overrides
     overrides = parse_overrides(rest)
     overrides.setdefault('train_stage', f'{args.mode}_ft')
     overrides['pretrained_file'] = args.p
