@@ -388,6 +388,22 @@ def dpc_knn(points, n_clusters, local_size, memory_budget_mb=256):
 
 # ----------------------------------------------------------------------------- entry point
 
+def write_interest_tables(labels, centroids, embeddings, lookups):
+    """Write interest discovery results in place (SPEC 3.1).
+
+    Args:
+        labels: long [M*(N-1)] cluster of every item row, modality blocks in the order of `lookups`.
+        centroids: float [K, H]; written to embeddings[1:] (row 0 stays the zero PAD interest).
+        embeddings: float [K+1, H]; lookups: list of M long [N] tables, set to label + 1 (row 0 stays 0).
+    """
+    embeddings.zero_()
+    embeddings[1:1 + len(centroids)] = centroids.to(embeddings)
+    for i, table in enumerate(lookups):
+        n = len(table) - 1
+        table.zero_()
+        table[1:] = labels[i * n:(i + 1) * n].to(table) + 1
+
+
 def discover_interests(points, n_clusters, algorithm="kmeans", kmeans_mode="original", seed=2020,
                        local_size=None, memory_budget_mb=256, show_progress=False):
     """Cluster item representations into interests (SPEC 3.1).

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cluster_utils import write_interest_tables
 from model_utils import Packer, SeqTransformer
 
 
@@ -116,13 +117,8 @@ class MISSRec(SeqTransformer):
     @torch.no_grad()
     def set_interests(self, labels, centroids):
         """Write k-means results: centroids to interest_embeddings[1:], labels+1 to the lookups."""
-        n = self.n_items - 1
-        self.interest_embeddings.zero_()
-        self.interest_embeddings[1:1 + len(centroids)] = centroids.to(self.interest_embeddings)
-        for i, m in enumerate(self.modalities):
-            table = getattr(self, f'{self._prefix(m)}_interest_lookup_table')
-            table.zero_()
-            table[1:] = labels[i * n:(i + 1) * n].to(table) + 1
+        write_interest_tables(labels, centroids, self.interest_embeddings,
+                              [getattr(self, f'{self._prefix(m)}_interest_lookup_table') for m in self.modalities])
 
     def interest_ids(self, item_seq):
         """[B, M*L] interest ids of every item and modality of the sequences."""

@@ -29,6 +29,7 @@ import re
 import numpy as np
 import torch
 
+from cluster_utils import write_interest_tables
 from data.dataset import DataError, number_tokens, pad_histories, read_inter
 from data.loader import SeqBatches
 
@@ -102,12 +103,7 @@ class InterestTables:
 
     def set(self, labels, centroids):
         """labels long [M*(N-1)] (text rows then image rows), centroids float [K, H]."""
-        n = self.n_items - 1
-        self.embeddings.zero_()
-        self.embeddings[1:1 + len(centroids)] = centroids.to(self.embeddings)
-        for i, m in enumerate(self.modalities):
-            self.lookup[m].zero_()
-            self.lookup[m][1:] = labels[i * n:(i + 1) * n].to(self.lookup[m]) + 1
+        write_interest_tables(labels, centroids, self.embeddings, [self.lookup[m] for m in self.modalities])
 
     def to(self, device):
         self.lookup = {m: t.to(device) for m, t in self.lookup.items()}
