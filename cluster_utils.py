@@ -194,6 +194,8 @@ def cluster_sums(x, labels, k, use_abs=False):
     Returns:
         sums: float [K, D]; counts: float [K].
     """
+    x = _as_points(x)  # the kernel reads float32 rows at stride D, like pairwise_nearest's
+    labels = labels.to(torch.int64).contiguous()
     if _use_cupy(x):
         return _cupy_sums(x, labels, k, use_abs)
     src = x.abs() if use_abs else x
@@ -417,12 +419,17 @@ def discover_interests(points, n_clusters, algorithm="kmeans", kmeans_mode="orig
         labels: long [P] in [0, K); centroids: float [K, D];
         info: dict with 'objective' (mean squared distance to the assigned centroid),
         'n_used' (distinct labels), 'n_iter', 'obj_per_iter', 'seconds', 'algorithm', 'mode'.
+    Raises:
+        FloatingPointError: some point is NaN or infinite (checked once, before clustering).
     """
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {list(_ALGORITHMS)}")
     _check_mode(kmeans_mode)
     x = _as_points(points)
     _check_k(n_clusters, x.shape[0])
+    finite = torch.isfinite(x).all(1)
+    if not bool(finite.all()):  # a NaN/inf row never has a nearest centroid: the kernels would write out of bounds
+        raise FloatingPointError(f"{int((~finite).sum())} of {x.shape[0]} points are not finite (NaN or inf)")
     start = time.perf_counter()
     with torch.no_grad():
         if algorithm == "kmeans":

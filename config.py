@@ -42,7 +42,7 @@ DEFAULTS = {
     'data_path': 'datasets/downstream/',
     'checkpoint_dir': 'saved',
     'log_dir': 'log',
-    'gpu_id': '0',
+    'gpu_id': None,           # e.g. 0 or '0,1': sets CUDA_VISIBLE_DEVICES, as RecBole did; None keeps it
     'use_gpu': True,
     'seed': 2020,
     'reproducibility': True,
@@ -194,6 +194,9 @@ class Config:
             if c[key] not in allowed:
                 raise ConfigError(f"{self.sources.get(key, 'defaults')}: {key} = {c[key]!r}; "
                                   f"expected one of {', '.join(allowed)}")
+        if c['gpu_id'] is not None and not re.fullmatch(r'\d+(,\d+)*', str(c['gpu_id'])):
+            raise ConfigError(f"{self.sources.get('gpu_id', 'defaults')}: gpu_id = {c['gpu_id']!r}; "
+                              "expected GPU indices like 0 or '0,1'")
         if not isinstance(c['n_layers'], int) or c['n_layers'] < 2 or c['n_layers'] % 2:
             raise ConfigError(f"{self.sources.get('n_layers', 'defaults')}: n_layers = {c['n_layers']!r}; "
                               'expected an even integer >= 2 (half encoder, half decoder layers)')

@@ -35,9 +35,10 @@ from trainer import Trainer, init_logger, init_seed, local_time, logger
 class ShardedBatches(SeqBatches):
     """`SeqBatches` that never hands a process an empty shard.
 
-    Training skips a last batch with fewer rows than processes (on every process
-    alike). Evaluation gives such a process one dummy row, marked `dummy`, whose
-    rank `gather_ranks` drops.
+    Training skips a last batch with fewer rows than processes on every process
+    alike, as pre-training's batches do (a process without rows would skip the
+    step's collectives while the others wait in them). Evaluation gives such a
+    process one dummy row, marked `dummy`, whose rank `gather_ranks` drops.
     """
 
     def __iter__(self):
@@ -45,10 +46,10 @@ class ShardedBatches(SeqBatches):
         for start in range(0, self.n, self.batch_size):
             rows = order[start:start + self.batch_size]
             mine = rows[self.rank::self.world_size]
-            if len(mine):
+            if len(rows) >= self.world_size:
                 yield self.batch(mine)
             elif not self.shuffle:
-                yield dict(self.batch(rows[:1]), dummy=True)
+                yield self.batch(mine) if len(mine) else dict(self.batch(rows[:1]), dummy=True)
 
 
 def gather_ranks(rank, batch):
@@ -113,7 +114,10 @@ def build_trainer(config, device):
     init_seed(config['seed'] + D.rank(), config['reproducibility'])
     module = FinetuneLoss(model)
     if D.is_dist():
-        module = DistributedDataParallel(module, device_ids=[device] if device.type == 'cuda' else None)
+        # modal_type none has no interest tokens: the encoder and the decoder's cross-attention
+        # get no gradient, which DDP must be told (the search costs a graph walk per step)
+        module = DistributedDataParallel(module, device_ids=[device] if device.type == 'cuda' else None,
+                                         find_unused_parameters=not model.modalities)
     shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
     batches = {'train': ShardedBatches(dataset.splits['train'], config['train_batch_size'], shuffle=True,
                                        seed=config['seed'], **shard)}
@@ -127,8 +131,7 @@ def run(config, resume=''):
     log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], config['train_stage'],
                                     local_time()], main_process=D.is_main_process())
     logger.info('\n' + str(config) + '\n')
-    device = torch.device('cuda', D.local_rank()) if config['use_gpu'] and torch.cuda.is_available() \
-        else torch.device('cpu')
+    device = D.process_device(config['use_gpu'])
     logger.info(f'processes: {D.world_size()}, device: {device}')
     dataset, trainer, batches = build_trainer(config, device)
     if resume:
@@ -140,6 +143,7 @@ def run(config, resume=''):
 def process_main(args, rest):
     try:
         config = finetune.build_config(args, rest)
+        D.select_gpus(config['gpu_id'], config['use_gpu'])   # under torchrun: before CUDA starts
         D.init_from_env(config['use_gpu'])
         if D.is_dist() and not (config['use_gpu'] and torch.cuda.is_available()):
             torch.set_num_threads(D.cpu_threads())
@@ -164,8 +168,10 @@ def main(argv=None):
     args, rest = finetune.parse_args(argv)
     if not D.launched_by_torchrun():
         try:
-            nproc = nproc or D.default_nproc(finetune.build_config(args, rest)['use_gpu'])
-        except ConfigError as e:
+            config = finetune.build_config(args, rest)
+            D.select_gpus(config['gpu_id'], config['use_gpu'])
+            nproc = D.resolve_nproc(nproc, config['use_gpu'])
+        except ValueError as e:   # ConfigError included
             print(f'error: {e}', file=sys.stderr)
             return 2
     return D.launch(process_main, nproc, args, rest)

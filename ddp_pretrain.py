@@ -116,21 +116,30 @@ class Pretrainer:
         n_points = len(interests.modalities) * (self.dataset.n_items - 1)
         labels = torch.zeros(n_points, dtype=torch.long, device=self.device)
         centroids = torch.zeros(interests.num_interest, self.raw_model.hidden_size, device=self.device)
+        failed = ''
         if D.is_main_process():
             logger.info(f'Discovering multi-modal user interest before {epoch}-th epoch')
             start = time.perf_counter()
             self.raw_model.eval()
             points = self.raw_model.pretrain_interest_points(self.dataset.tables, config['train_batch_size'])
-            lab, cen, info = discover_interests(
-                points, interests.num_interest, algorithm=config['interest_clustering'],
-                kmeans_mode=config['kmeans_mode'], seed=config['seed'] + epoch,
-                local_size=max(math.ceil(n_points * config['knn_local_ratio']), 1),
-                memory_budget_mb=config['cluster_memory_mb'])
-            labels.copy_(lab)
-            centroids.copy_(cen)
-            logger.info(f"interest discovery [time: {time.perf_counter() - start:.2f}s, "
-                        f"interests used: {info['n_used']} of {interests.num_interest}, "
-                        f"objective: {info['objective']:.4f}]")
+            try:
+                lab, cen, info = discover_interests(
+                    points, interests.num_interest, algorithm=config['interest_clustering'],
+                    kmeans_mode=config['kmeans_mode'], seed=config['seed'] + epoch,
+                    local_size=max(math.ceil(n_points * config['knn_local_ratio']), 1),
+                    memory_budget_mb=config['cluster_memory_mb'])
+            except FloatingPointError as e:   # NaN/inf points; sent to every rank so that all stop
+                failed = (f"interest discovery before epoch {epoch}: {e}; the last good checkpoint is "
+                          f"{self.saved[-1] if self.saved else 'none yet'}")
+            else:
+                labels.copy_(lab)
+                centroids.copy_(cen)
+                logger.info(f"interest discovery [time: {time.perf_counter() - start:.2f}s, "
+                            f"interests used: {info['n_used']} of {interests.num_interest}, "
+                            f"objective: {info['objective']:.4f}]")
+        failed = D.broadcast_object(failed)
+        if failed:
+            raise FloatingPointError(failed)
         D.broadcast_(labels)
         D.broadcast_(centroids)
         interests.set(labels, centroids)
@@ -233,8 +242,7 @@ def run(config, resume=''):
 
     Returns {'losses': [...], 'checkpoints': [...], 'log': path or None, 'trainer': Pretrainer}.
     """
-    device = torch.device('cuda', D.local_rank()) if config['use_gpu'] and torch.cuda.is_available() \
-        else torch.device('cpu')
+    device = D.process_device(config['use_gpu'])
     dataset = PretrainDataset(config).to(device)          # read and checked before anything is written
     log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], 'pretrain', local_time()],
                            main_process=D.is_main_process())
@@ -254,6 +262,7 @@ def process_main(args, rest):
     """Entry of one process: set up the group from the environment, run, tear down."""
     try:
         config = build_config(args, rest)
+        D.select_gpus(config['gpu_id'], config['use_gpu'])   # under torchrun: before CUDA starts
         D.init_from_env(config['use_gpu'])
         if not (config['use_gpu'] and torch.cuda.is_available()) and 'OMP_NUM_THREADS' not in os.environ:
             torch.set_num_threads(D.cpu_threads())
@@ -275,8 +284,10 @@ def main(argv=None):
     args, rest = parse_args(argv)
     if not D.launched_by_torchrun():
         try:
-            args.nproc = args.nproc or D.default_nproc(build_config(args, rest)['use_gpu'])
-        except ConfigError as e:
+            config = build_config(args, rest)
+            D.select_gpus(config['gpu_id'], config['use_gpu'])
+            args.nproc = D.resolve_nproc(args.nproc, config['use_gpu'])
+        except ValueError as e:   # ConfigError included
             print(f'error: {e}', file=sys.stderr)
             return 2
     return D.launch(process_main, args.nproc, args, rest)

@@ -4,6 +4,7 @@ Every helper works without an initialised process group (world size 1), so the
 same training code runs in single-process CPU tests.
 
     init_from_env()        # torchrun: RANK / LOCAL_RANK / WORLD_SIZE; nccl on CUDA, gloo on CPU
+    process_device()       # this process's device (also without a group)
     try: ... finally: teardown()
 
 `all_gather_with_grad(x)` gathers per-rank tensors whose first dimension may
@@ -21,6 +22,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from config import ConfigError
 
 _GATHER_GROUP = None   # a separate group keeps feature gathers apart from DDP's gradient buckets
 
@@ -49,24 +52,51 @@ def launched_by_torchrun():
     return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
 
 
-def init_from_env(use_gpu=True, timeout_s=1800):
+def visible_gpus(use_gpu=True):
+    """GPUs this process can use: 0 with use_gpu off or without CUDA."""
+    return torch.cuda.device_count() if use_gpu and torch.cuda.is_available() else 0
+
+
+def select_gpus(gpu_id, use_gpu=True):
+    """The config key `gpu_id` as the original's RecBole reads it: CUDA_VISIBLE_DEVICES = gpu_id,
+    set before CUDA starts (spawned processes inherit it). None keeps the inherited value."""
+    if gpu_id is None or not use_gpu or os.environ.get('CUDA_VISIBLE_DEVICES') == str(gpu_id):
+        return
+    if torch.cuda.is_initialized():
+        raise ConfigError(f'gpu_id = {gpu_id}: CUDA is already initialised in this process, too late to '
+                         'select devices; set CUDA_VISIBLE_DEVICES instead')
+    os.environ['CUDA_VISIBLE_DEVICES'] = str(gpu_id)
+
+
+def process_device(use_gpu=True):
+    """The device of this process (the one place that chooses it): the CPU, or GPU LOCAL_RANK of
+    those it sees. torchrun and --nproc show every process all GPUs of the node; a scheduler
+    that gives each task its own (SLURM --gpus-per-task) shows fewer, hence the modulo."""
+    gpus = visible_gpus(use_gpu)
+    if not gpus:
+        return torch.device('cpu')
+    return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)) % gpus)
+
+
+def init_from_env(use_gpu=True, timeout_s=1800, group_of_one=False):
     """Initialise the default process group from torchrun's environment (once).
 
-    Returns the device of this process: `cuda:LOCAL_RANK` (nccl) when CUDA is
-    usable, else the CPU (gloo). Without torchrun variables, or with WORLD_SIZE
-    1, no group is created and the helpers keep their one-process defaults.
+    Returns the device of this process (`process_device`): nccl on CUDA, else gloo.
+    Without torchrun variables, or with WORLD_SIZE 1, no group is created and the
+    helpers keep their one-process defaults; `group_of_one` creates it even then
+    (scripts/gpu_check.sh runs the collectives on one GPU this way).
     """
     global _GATHER_GROUP
-    cuda = use_gpu and torch.cuda.is_available()
-    lrank = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device('cuda', lrank) if cuda else torch.device('cpu')
-    if cuda:
+    device = process_device(use_gpu)
+    if device.type == 'cuda':
         torch.cuda.set_device(device)
-    if not launched_by_torchrun() or int(os.environ['WORLD_SIZE']) == 1 or is_dist():
+    if not launched_by_torchrun() or (int(os.environ['WORLD_SIZE']) == 1 and not group_of_one) or is_dist():
         return device
-    dist.init_process_group(backend='nccl' if cuda else 'gloo',
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    _GATHER_GROUP = dist.new_group(backend='nccl' if cuda else 'gloo')
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    # device_id binds the group to this GPU (otherwise NCCL guesses it at the first barrier)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if backend == 'nccl' else None)
+    _GATHER_GROUP = dist.new_group(backend=backend)
     return device
 
 
@@ -199,9 +229,18 @@ def run_as_rank(index, nproc, port, entry, *args):
         sys.exit(code)
 
 
-def default_nproc(use_gpu):
-    """One process per visible GPU, or one CPU process."""
-    return max(torch.cuda.device_count() if use_gpu and torch.cuda.is_available() else 0, 1)
+def resolve_nproc(nproc, use_gpu):
+    """Processes to spawn: `nproc`, or one per visible GPU (or one CPU process) when 0.
+    More than the visible GPUs is refused: two processes on one GPU fail in NCCL."""
+    gpus = visible_gpus(use_gpu)
+    if nproc < 0:
+        raise ValueError(f'--nproc {nproc}: expected a positive number of processes')
+    if not nproc:
+        return max(gpus, 1)
+    if gpus and nproc > gpus:
+        raise ValueError(f'--nproc {nproc}: only {gpus} GPU(s) visible; use --nproc {gpus} or fewer, '
+                         'or --use_gpu=False for CPU processes')
+    return nproc
 
 
 def launch(entry, nproc, *args):

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+import distributed as D
 import metrics as M
 from checkpoints import CheckpointError, load_checkpoint
 from config import Config, ConfigError, parse_overrides, stage_files
@@ -51,11 +52,11 @@ def build_config(args, rest):
 
 
 def pick_device(config):
-    if config['use_gpu'] and torch.cuda.is_available():
-        return torch.device('cuda')
-    if config['use_gpu']:
+    D.select_gpus(config['gpu_id'], config['use_gpu'])
+    device = D.process_device(config['use_gpu'])
+    if config['use_gpu'] and device.type == 'cpu':
         print('no CUDA device found: running on the CPU', file=sys.stderr)
-    return torch.device('cpu')
+    return device
 
 
 def load_pretrained(model, path, freeze):

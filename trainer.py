@@ -92,7 +92,24 @@ def set_rng_state(state):
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     if state.get('cuda') is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        set_cuda_rng_states(state['cuda'])
+
+
+_WARNED_GPU_COUNT = False
+
+
+def set_cuda_rng_states(states):
+    """Restore saved CUDA generator states. torch.load with a CUDA map_location puts them on the
+    GPU, but the generators take CPU ByteTensors; a checkpoint written where more (or fewer)
+    GPUs were visible restores those it has for the GPUs visible now."""
+    global _WARNED_GPU_COUNT
+    count = torch.cuda.device_count()
+    if len(states) != count and not _WARNED_GPU_COUNT:
+        logger.warning(f'the checkpoint holds the random states of {len(states)} GPUs, {count} visible now: '
+                       f'restoring {min(len(states), count)}')
+        _WARNED_GPU_COUNT = True
+    for i, s in enumerate(states[:count]):
+        torch.cuda.set_rng_state(s.cpu(), i)
 
 
 def run_interest_discovery(model, config, epoch):
@@ -105,10 +122,13 @@ def run_interest_discovery(model, config, epoch):
     model.eval()
     points = model.interest_points()                                   # [M*(N-1), H]
     local = max(int(np.ceil(len(points) * config['knn_local_ratio'])), 1)
-    labels, centroids, info = discover_interests(
-        points, model.num_interest, algorithm=config['interest_clustering'],
-        kmeans_mode=config['kmeans_mode'], seed=config['seed'] + epoch, local_size=local,
-        memory_budget_mb=config['cluster_memory_mb'])
+    try:
+        labels, centroids, info = discover_interests(
+            points, model.num_interest, algorithm=config['interest_clustering'],
+            kmeans_mode=config['kmeans_mode'], seed=config['seed'] + epoch, local_size=local,
+            memory_budget_mb=config['cluster_memory_mb'])
+    except FloatingPointError as e:   # NaN/inf item rows: stop like a NaN loss
+        raise FloatingPointError(f'interest discovery before epoch {epoch}: {e}') from None
     model.set_interests(labels, centroids)
     model.train(was_training)
     logger.info(f'Finish multi-modal interest discovery before {epoch}-th epoch')

@@ -1,5 +1,6 @@
 """Fine-tuning speed on a real dataset: seconds per training epoch, per interest
-discovery and per full validation, and peak memory.
+discovery and per full validation, and peak memory (host RSS on the CPU, allocated GPU
+memory on CUDA).
 
     python bench/finetune.py                                   # Scientific_mini, run01 setting
     python bench/finetune.py --epochs 3 -- --train_stage=inductive_ft --kmeans_mode=lloyd
@@ -62,7 +63,10 @@ def main():
         epochs.append(t)
         losses.append(loss)
         evals.append(timed(lambda: trainer.evaluate(valid))[0])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == 'cuda':   # the host process's RSS says nothing about the GPU
+        peak_mb, peak_what = torch.cuda.max_memory_allocated(device) / 2 ** 20, 'peak GPU memory (allocated)'
+    else:
+        peak_mb, peak_what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'peak memory (RSS)'
 
     med = {k: statistics.median(v) for k, v in (('epoch', epochs), ('discovery', disc), ('valid', evals))}
     print(f"\n{args.d}, train_stage {config['train_stage']}, kmeans_mode {config['kmeans_mode']}, "
@@ -74,7 +78,7 @@ def main():
     print(f"| interest discovery | {med['discovery']:.3f} | {min(disc):.3f} | 0.37 | |")
     print(f"| full validation | {med['valid']:.2f} | {min(evals):.2f} | {ORIGINAL_VALID_S} | "
           f"{ORIGINAL_VALID_S / med['valid']:.1f}x |")
-    print(f'train loss by epoch: {", ".join(f"{x:.4f}" for x in losses)}; peak memory {peak_mb:.0f} MB')
+    print(f'train loss by epoch: {", ".join(f"{x:.4f}" for x in losses)}; {peak_what} {peak_mb:.0f} MB')
     print(f"RESULT dataset={args.d} epoch_s={med['epoch']:.2f} discovery_s={med['discovery']:.3f} "
           f"valid_s={med['valid']:.2f} device={args.device} peak_mb={peak_mb:.0f} speedup_vs_original={ORIGINAL_EPOCH_S / med['epoch']:.2f}")
 

@@ -1,8 +1,10 @@
 #!/bin/bash
 # Pantry, inductive fine-tuning (without item IDs), from scratch.
-# Usage: bash scripts/run07.sh [GPU_ID] [--key=value ...]   (reference row: reference_log/reference_metrics.csv)
+# Usage: bash scripts/run07.sh [GPU_IDS] [--key=value ...]   (reference row: reference_log/reference_metrics.csv)
 cd "$(dirname "$0")/.." || exit 1
-CUDA_VISIBLE_DEVICES=${1:-0} python finetune.py \
+# a first argument of GPU ids (0 or 0,1) selects the GPUs; otherwise an inherited CUDA_VISIBLE_DEVICES stays
+if [[ $1 =~ ^[0-9]+(,[0-9]+)*$ ]]; then export CUDA_VISIBLE_DEVICES=$1; shift; fi
+python finetune.py \
     -d Pantry_mm_full \
     -mode inductive \
-    --script=run07.sh "${@:2}"
+    --script=run07.sh "$@"

@@ -1,10 +1,12 @@
 #!/bin/bash
 # Office, transductive fine-tuning (with item IDs), from the pre-trained checkpoint.
-# Usage: bash scripts/run18.sh [GPU_ID] [--key=value ...]   (reference row: reference_log/reference_metrics.csv)
+# Usage: bash scripts/run18.sh [GPU_IDS] [--key=value ...]   (reference row: reference_log/reference_metrics.csv)
 cd "$(dirname "$0")/.." || exit 1
-CUDA_VISIBLE_DEVICES=${1:-0} python finetune.py \
+# a first argument of GPU ids (0 or 0,1) selects the GPUs; otherwise an inherited CUDA_VISIBLE_DEVICES stays
+if [[ $1 =~ ^[0-9]+(,[0-9]+)*$ ]]; then export CUDA_VISIBLE_DEVICES=$1; shift; fi
+python finetune.py \
     -d Office_mm_full \
     -p saved/MISSRec-FHCKM_mm_full-100.pth \
     -mode transductive \
     --interest_ratio=0.3 --train_batch_size=1024 --eval_batch_size=2048 \
-    --script=run18.sh "${@:2}"
+    --script=run18.sh "$@"

@@ -232,6 +232,28 @@ def test_errors():
         discover_interests(x, 3, algorithm="dpc_knn")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("algorithm", ["kmeans", "dpc_knn"])
+def test_non_finite_points_stop_discovery(bad, algorithm):
+    x = _data(50, 4)
+    x[17, 2] = bad
+    with pytest.raises(FloatingPointError, match=r"^1 of 50 points are not finite \(NaN or inf\)$"):
+        discover_interests(x, 5, algorithm=algorithm, local_size=5)
+
+
+def test_cluster_sums_normalises_its_input():
+    """float64 or strided points give the float32 sums (the CuPy kernel reads float32 rows at stride D)."""
+    x = _data(300, 7, seed=3)
+    labels = torch.randint(0, 9, (300,), generator=torch.Generator().manual_seed(4))
+    ref = cu.cluster_sums(x, labels, 9, use_abs=True)
+    strided = torch.zeros(7, 300, dtype=torch.float64)
+    strided.copy_(x.t())
+    for variant in (x.double(), strided.t(), x.t().contiguous().t()):
+        assert not (variant.is_contiguous() and variant.dtype == torch.float32)
+        sums, counts = cu.cluster_sums(variant, labels.int(), 9, use_abs=True)
+        assert sums.dtype == torch.float32 and torch.allclose(sums, ref[0]) and torch.equal(counts, ref[1])
+
+
 # ----------------------------------------------------------------------------- CUDA / CuPy
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -270,3 +292,25 @@ def test_cupy_nearest_and_sums_match_torch(monkeypatch):
     assert torch.equal(i_k, i_t)
     assert torch.allclose(d_k, d_t, rtol=1e-4, atol=1e-3)
     assert torch.equal(n_k, n_t) and torch.allclose(s_k, s_t, rtol=1e-5, atol=1e-4)
+
+
+@needs_cupy
+def test_cupy_sums_of_strided_and_float64_input_match_torch(monkeypatch):
+    x = _data(4000, 300, seed=15, device="cuda")
+    labels = torch.randint(0, 500, (4000,), device="cuda")
+    strided, wide = x.t().contiguous().t(), x.double()
+    assert cu._use_cupy(x) and not strided.is_contiguous()
+    got = [cu.cluster_sums(v, labels, 500) for v in (strided, wide)]
+    monkeypatch.setattr(cu, "_cp", None)
+    ref_s, ref_n = cu.cluster_sums(x, labels, 500)
+    for s, n in got:
+        assert torch.equal(n, ref_n) and torch.allclose(s, ref_s, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_non_finite_point_on_cuda_stops_before_the_kernels():
+    x = _data(3000, 40, seed=16, device="cuda")
+    x[1234, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 of 3000 points are not finite"):
+        discover_interests(x, 700)
+    torch.cuda.synchronize()   # no illegal memory access left behind

@@ -181,3 +181,94 @@ def test_cli_two_cpu_processes(data, tmp_path):
     assert os.path.exists(tmp_path / 'saved' / 'MISSRec-DemoPT-1.pth')
     assert 'epoch 0 training [time:' in proc.stdout
     assert proc.stdout.count('epoch 0 training') == 1               # rank 0 alone logs
+
+
+# ---------------------------------------------------------- sharding, devices, launching
+@pytest.mark.parametrize('n,batch,w', [(514, 512, 4), (7, 3, 2), (9, 4, 3)])
+def test_every_rank_gets_the_same_batches(n, batch, w):
+    """A last batch with fewer rows than processes: training skips it on every rank (a rank that
+    alone skipped it left the others waiting in its collectives: the run hung); evaluation keeps
+    every row, with a dummy row for a rank that has none."""
+    split = {'item_id': torch.arange(1, n + 1), 'item_seq': torch.ones(n, 3, dtype=torch.long),
+             'item_seq_len': torch.full((n,), 2)}
+    train = [list(ddp_finetune.ShardedBatches(split, batch, shuffle=True, seed=1, rank=r, world_size=w))
+             for r in range(w)]
+    assert len({len(b) for b in train}) == 1 and len(train[0]) == n // batch
+    assert all(len(b['item_id']) and not b.get('dummy') for rank in train for b in rank)
+    evaluation = [list(ddp_finetune.ShardedBatches(split, batch, rank=r, world_size=w)) for r in range(w)]
+    assert {len(b) for b in evaluation} == {-(-n // batch)}
+    real = torch.cat([b['item_id'] for rank in evaluation for b in rank if not b.get('dummy')])
+    assert sorted(real.tolist()) == list(range(1, n + 1))
+
+
+def _finetune_cli(data, tmp_path, *extra):
+    cmd = [sys.executable, 'ddp_finetune.py', '--nproc', '2', '-d', 'Demo', f'--data_path={data}/down',
+           '--use_gpu=False', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
+           *[f'--{k}={v}' for k, v in TINY.items() if k != 'use_gpu'], *extra]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail('ddp_finetune.py hung')
+
+
+def test_cli_finetuning_with_a_last_batch_smaller_than_the_processes(data, tmp_path):
+    n_train = len(open(data / 'down' / 'Demo' / 'Demo.train.inter').readlines()) - 1
+    proc = _finetune_cli(data, tmp_path, '--epochs=2', f'--train_batch_size={n_train - 1}',
+                         '--eval_batch_size=149')                     # 150 valid rows: a 1-row last batch too
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('epoch 1 training [time:') == 1 and 'test result: OrderedDict' in proc.stdout
+
+
+def test_cli_finetuning_without_modalities(data, tmp_path):
+    """modal_type none: the interest encoder gets no gradient (DDP failed at the second step)."""
+    proc = _finetune_cli(data, tmp_path, '--epochs=1', '--train_batch_size=300', '--modal_type=none')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'epoch 0 training [time:' in proc.stdout
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend that `n` GPUs are visible (nothing runs on them)."""
+    def set_count(n):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: n)
+    return set_count
+
+
+def test_process_device_wraps_around_the_visible_gpus(gpus, monkeypatch):
+    gpus(4)
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    assert D.process_device() == torch.device('cuda', 3)                # every process sees the node's GPUs
+    assert D.process_device(use_gpu=False) == torch.device('cpu')
+    gpus(1)                                                             # SLURM --gpus-per-task=1
+    assert D.process_device() == torch.device('cuda', 0)
+    gpus(0)
+    assert D.process_device() == torch.device('cpu')
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line(gpus, capsys):
+    gpus(2)
+    assert D.resolve_nproc(0, True) == 2 and D.resolve_nproc(2, True) == 2 and D.resolve_nproc(3, False) == 3
+    import ddp_pretrain
+    assert ddp_pretrain.main(['--nproc', '3']) == 2
+    assert capsys.readouterr().err == ('error: --nproc 3: only 2 GPU(s) visible; use --nproc 2 or fewer, '
+                                       'or --use_gpu=False for CPU processes\n')
+    assert ddp_finetune.main(['--nproc', '4']) == 2
+    assert 'error: --nproc 4: only 2 GPU(s) visible' in capsys.readouterr().err
+
+
+def test_nccl_group_is_bound_to_the_process_gpu(gpus, monkeypatch):
+    gpus(2)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: calls.update(set_device=d))
+    monkeypatch.setattr(D.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(D.dist, 'init_process_group', lambda **kw: calls.update(init=kw))
+    monkeypatch.setattr(D.dist, 'new_group', lambda **kw: calls.update(group=kw))
+    monkeypatch.setattr(D, '_GATHER_GROUP', None)
+    for k, v in dict(RANK='5', LOCAL_RANK='1', WORLD_SIZE='8', LOCAL_WORLD_SIZE='2').items():
+        monkeypatch.setenv(k, v)
+    assert D.init_from_env() == torch.device('cuda', 1)
+    assert calls['set_device'] == torch.device('cuda', 1)
+    assert calls['init']['backend'] == 'nccl' and calls['init']['device_id'] == torch.device('cuda', 1)
+    assert calls['group'] == {'backend': 'nccl'}

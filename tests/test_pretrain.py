@@ -13,8 +13,9 @@ from data.dataset import DataError
 from data.pretrain import PretrainBatches, PretrainDataset, build_batch, draw_augmentation, item_drop
 from tools.make_demo_data import write_downstream, write_pretrain
 
+# the CPU even where a GPU is present: resumed runs are compared bit for bit
 TINY = ['--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32', '--n_heads=2',
-        '--show_progress=False']
+        '--show_progress=False', '--use_gpu=False']
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def pre(tmp_path_factory):
 
 def config(root, **kw):
     over = {'data_path': str(root), 'plm_size': 32, 'img_size': 32, 'hidden_size': 32, 'inner_size': 32,
-            'n_heads': 2, 'train_stage': 'pretrain', 'show_progress': False, **kw}
+            'n_heads': 2, 'train_stage': 'pretrain', 'show_progress': False, 'use_gpu': False, **kw}
     return Config('DemoPT', stage_files('pretrain'), over)
 
 
@@ -266,6 +267,27 @@ def test_a_nan_loss_stops_pretraining_naming_epoch_and_batch(pre, tmp_path, monk
 
     monkeypatch.setattr(MISSRec, 'pretrain_losses', nan_at_third_batch)
     args = ['-d', 'DemoPT', f'--data_path={pre}', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
-            *TINY, '--use_gpu=False', '--pretrain_epochs=2', '--train_batch_size=64']
+            *TINY, '--pretrain_epochs=2', '--train_batch_size=64']
     assert ddp_pretrain.main(args) == 2
     assert 'training loss is nan at epoch 0, batch 2; the last good checkpoint is none yet' in capsys.readouterr().err
+
+
+def test_nan_item_rows_stop_pretraining_at_interest_discovery(pre, tmp_path, monkeypatch, capsys):
+    from missrec import MISSRec
+    real = MISSRec.pretrain_interest_points
+    calls = {'n': 0}
+
+    def inf_before_third_epoch(self, *args):
+        calls['n'] += 1
+        points = real(self, *args)
+        if calls['n'] == 3:
+            points[5:7, 1] = float('inf')
+        return points
+
+    monkeypatch.setattr(MISSRec, 'pretrain_interest_points', inf_before_third_epoch)
+    args = ['-d', 'DemoPT', f'--data_path={pre}', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
+            *TINY, '--pretrain_epochs=3', '--save_step=1', '--train_batch_size=128']
+    assert ddp_pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"error (rank 0): interest discovery before epoch 2: 2 of 240 points are not finite (NaN or inf); "
+            f"the last good checkpoint is {tmp_path}/saved/MISSRec-DemoPT-2.pth\n") in err

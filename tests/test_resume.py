@@ -137,3 +137,58 @@ def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(tmp_path):
         resumed = torch.load(saved / 'MISSRec-DemoPT-4.pth', weights_only=True)
         for k, v in final['state_dict'].items():
             assert torch.equal(v, resumed['state_dict'][k]), k
+
+
+def test_cuda_random_states_of_another_gpu_count_restore_what_fits(monkeypatch, caplog):
+    """A checkpoint written where 3 GPUs were visible, resumed with 1: the first state is
+    restored, as a CPU tensor, and one warning says so (set_rng_state_all raised IndexError)."""
+    import trainer
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: calls.append((state, device)))
+    monkeypatch.setattr(trainer, '_WARNED_GPU_COUNT', False)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    state = dict(trainer.rng_state(), cuda=saved)
+    caplog.set_level('WARNING', logger='missrec')
+    trainer.logger.propagate = True                      # (init_logger turns it off)
+    try:
+        trainer.set_rng_state(state)
+        trainer.set_rng_state(state)
+    finally:
+        trainer.logger.propagate = False
+    assert [(int(s[0]), d) for s, d in calls] == [(0, 0), (0, 0)] and all(s.device.type == 'cpu' for s, _ in calls)
+    warnings = [r.message for r in caplog.records if 'random states of 3 GPUs' in r.message]
+    assert warnings == ['the checkpoint holds the random states of 3 GPUs, 1 visible now: restoring 1']
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_random_states_restore_after_a_cuda_map_location(tmp_path):
+    """--resume on a GPU loads with map_location=cuda, which moves the saved generator states there."""
+    from trainer import rng_state, set_rng_state
+    torch.save({'rng': rng_state()}, tmp_path / 'state.pth')
+    state = torch.load(tmp_path / 'state.pth', map_location='cuda', weights_only=True)['rng']
+    assert state['cuda'][0].is_cuda
+    set_rng_state(state)
+    a = torch.rand(5, device='cuda')
+    set_rng_state(state)
+    assert torch.equal(a, torch.rand(5, device='cuda'))
+
+
+def test_nan_item_features_stop_fine_tuning_at_interest_discovery(demo, tmp_path, monkeypatch, capsys):
+    import finetune
+    from missrec import MISSRec
+    real = MISSRec.interest_points
+    calls = {'n': 0}
+
+    def nan_before_second_epoch(self):
+        calls['n'] += 1
+        points = real(self)
+        if calls['n'] == 2:
+            points[3, 0] = float('nan')
+        return points
+
+    monkeypatch.setattr(MISSRec, 'interest_points', nan_before_second_epoch)
+    assert finetune.main(command(demo, tmp_path)[2:]) == 2
+    err = capsys.readouterr().err
+    assert 'error: interest discovery before epoch 1: 1 of 100 points are not finite (NaN or inf)\n' in err

@@ -33,8 +33,10 @@ def test_twenty_scripts_match_the_reference_rows():
 
 @pytest.mark.parametrize('cwd', ['.', 'scripts'])
 def test_run_script_works_from_root_and_scripts_dir_on_cpu(tmp_path, cwd):
+    """No GPU id first: the inherited CUDA_VISIBLE_DEVICES='' stays (a CPU run) and every
+    argument reaches finetune.py."""
     write_downstream(tmp_path / 'data', name='Demo', n_users=60, n_items=30, seed=3)
-    cmd = ['bash', 'scripts/run01.sh' if cwd == '.' else 'run01.sh', '0', '-d', 'Demo',
+    cmd = ['bash', 'scripts/run01.sh' if cwd == '.' else 'run01.sh', '-d', 'Demo',
            f'--data_path={tmp_path}/data', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
            '--epochs=1', '--hidden_size=16', '--inner_size=16', '--show_progress=False']
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
@@ -43,3 +45,31 @@ def test_run_script_works_from_root_and_scripts_dir_on_cpu(tmp_path, cwd):
     assert 'no CUDA device found: running on the CPU' in out.stderr
     log = open(re.search(r'log: (\S+)', out.stdout).group(1)).read()
     assert 'script = run01.sh' in log and 'test result: OrderedDict' in log
+    assert 'epochs = 1\n' in log and 'hidden_size = 16\n' in log
+
+
+@pytest.mark.parametrize('args,inherited,gpus,passed', [
+    (['3', '--epochs=2'], '5', '3', ['--epochs=2']),          # a GPU id selects the GPU
+    (['0,1'], None, '0,1', []),                                # several GPUs
+    (['--epochs=2'], '5', '5', ['--epochs=2']),                # no GPU id: the scheduler's choice stays
+    (['-d', 'Demo'], None, 'unset', ['-d', 'Demo']),
+    ([], '2,3', '2,3', []),
+])
+def test_run_scripts_take_a_gpu_id_only_when_it_is_one(tmp_path, args, inherited, gpus, passed):
+    fake = tmp_path / 'python'                                 # stands in for python: shows what it got
+    fake.write_text('#!/bin/bash\necho "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}"\n'
+                    'printf "ARG %s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES'}
+    env['PATH'] = f"{tmp_path}:{env['PATH']}"
+    if inherited is not None:
+        env['CUDA_VISIBLE_DEVICES'] = inherited
+    for n in range(1, 21):
+        name = f'run{n:02d}.sh'
+        out = subprocess.run(['bash', f'scripts/{name}', *args], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=30)
+        lines = out.stdout.splitlines()
+        assert lines[0] == f'CUDA_VISIBLE_DEVICES={gpus}', (name, lines)
+        got = [line[4:] for line in lines[1:]]
+        assert got[0] == 'finetune.py' and f'--script={name}' in got, (name, got)
+        assert got[got.index(f'--script={name}') + 1:] == passed, (name, got)
