@@ -48,6 +48,8 @@ def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, t
     """
     h = mha.embed_dim
     w, b = mha.in_proj_weight, mha.in_proj_bias
+    if q_packer.shape[1] == 1 and len(q_packer.index) == q_packer.shape[0]:
+        return _one_query_attention(mha, q_tokens, kv_tokens, kv_packer, key_padding_mask, training)
     q = q_packer.unpack(F.linear(q_tokens, w[:h], b[:h]))              # [B, Lq, H]
     kv = kv_packer.unpack(F.linear(kv_tokens, w[h:], b[h:]))           # [B, Lk, 2H]
     k, v = kv.chunk(2, dim=-1)
@@ -57,6 +59,33 @@ def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, t
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
     ctx = ctx.transpose(1, 2).reshape(q.shape[0], -1, h)               # [B, Lq, H]
     return F.linear(q_packer.pack(ctx), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _one_query_attention(mha, q_tokens, kv_tokens, kv_packer, key_padding_mask, training):
+    """`attention` with one query per row (the last decoder layer, its cross-attention).
+
+    Keys and values stay packed: only the [B, heads, Lk] scores are padded, where
+    the padded path would unpack [B, Lk, 2H] keys and values. The dropout on the
+    attention weights is drawn on the same [B, heads, 1, Lk] tensor as in
+    `scaled_dot_product_attention`, so the random stream is the same."""
+    h, nh = mha.embed_dim, mha.num_heads
+    d = h // nh
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    batch, lk = kv_packer.shape
+    q = F.linear(q_tokens, w[:h], b[:h])                               # [B, H]
+    kv = F.linear(kv_tokens, w[h:], b[h:])                             # [T, 2H]
+    k, v = kv[:, :h], kv[:, h:]
+    row = kv_packer.index // lk                                        # [T] row of each key
+    scores = (q.index_select(0, row) * k).view(-1, nh, d).sum(-1) * d ** -0.5     # [T, nh]
+    padded = scores.new_full((batch * lk, nh), float('-inf')).index_copy(0, kv_packer.index, scores)
+    padded = padded.view(batch, lk, nh).transpose(1, 2)                # [B, nh, Lk]
+    padded = padded.masked_fill(key_padding_mask[:, None, :], float('-inf'))
+    probs = padded.softmax(-1).unsqueeze(2).contiguous()               # [B, nh, 1, Lk]
+    if training and mha.dropout > 0:
+        probs = F.dropout(probs, mha.dropout, True)
+    p = probs.view(batch, nh, lk).transpose(1, 2).reshape(batch * lk, nh).index_select(0, kv_packer.index)
+    ctx = q.new_zeros(batch, h).index_add(0, row, (p.unsqueeze(-1) * v.view(-1, nh, d)).view(-1, h))
+    return F.linear(ctx, mha.out_proj.weight, mha.out_proj.bias)
 
 
 def feed_forward(layer, x):

@@ -25,49 +25,104 @@ class DataError(ValueError):
 ITEM_TOKEN = (re.compile(r'[0-9]+'), 'a non-negative integer (tokens index rows of the feature files)')
 
 
-def read_inter(path, token=ITEM_TOKEN):
-    """Rows of an atomic `.inter` file as (user token, [history tokens], target token).
+class InterFile:
+    """The rows of an atomic `.inter` file as flat numpy string arrays (no per-row objects).
 
-    `token` = (compiled pattern every item token must match, its description)."""
+    Attributes:
+        users: str [R]; targets: str [R]; history: str [sum of lengths], the rows'
+        histories one after another; offsets: int64 [R+1], row r's history is
+        history[offsets[r]:offsets[r+1]].
+    Iterating gives (user, [history tokens], target) tuples.
+    """
+
+    def __init__(self, users, history, offsets, targets):
+        self.users, self.history, self.offsets, self.targets = users, history, offsets, targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __iter__(self):
+        for r in range(len(self)):
+            yield self.users[r], list(self.history[self.offsets[r]:self.offsets[r + 1]]), self.targets[r]
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+
+def read_inter(path, token=ITEM_TOKEN):
+    """Read an atomic `.inter` file into an `InterFile`.
+
+    `token` = (compiled pattern every item token must match, its description).
+    Only the distinct tokens are checked against the pattern, and the rows end up
+    in numpy arrays: the per-token Python strings are temporary, so a corpus of
+    millions of tokens does not leave its memory fragmented behind it."""
     if not os.path.exists(path):
         raise DataError(f'{path}: file not found')
-    rows = []
     with open(path, encoding='utf-8') as f:
         header = f.readline().rstrip('\n').split('\t')
         if header != INTER_HEADER:
             raise DataError(f"{path}: line 1: expected header {chr(9).join(INTER_HEADER)!r}, "
                             f"got {chr(9).join(header)!r}")
-        for n, line in enumerate(f, start=2):
-            line = line.rstrip('\n')
+        lines = f.read().split('\n')
+    if lines and lines[-1] == '':
+        lines.pop()
+    users, hists, targets = [], [], []
+    for n, line in enumerate(lines, start=2):
+        parts = line.split('\t')
+        if len(parts) != 3:
             if not line:
                 raise DataError(f'{path}: line {n}: empty line (expected user, history and item)')
-            parts = line.split('\t')
-            if len(parts) != 3:
-                raise DataError(f'{path}: line {n}: expected 3 tab-separated columns, got {len(parts)}')
-            user, hist, target = parts
-            history = hist.split(' ') if hist.strip() else []
-            if not history:
-                raise DataError(f'{path}: line {n}: empty history (user {user})')
-            for tok in history + [target]:
-                if not token[0].fullmatch(tok):
-                    raise DataError(f'{path}: line {n}: item token {tok!r} is not {token[1]}')
-            rows.append((user, history, target))
-    return rows
+            raise DataError(f'{path}: line {n}: expected 3 tab-separated columns, got {len(parts)}')
+        if not parts[1].strip():
+            raise DataError(f'{path}: line {n}: empty history (user {parts[0]})')
+        users.append(parts[0])
+        hists.append(parts[1])
+        targets.append(parts[2])
+    del lines
+    counts = np.fromiter((h.count(' ') + 1 for h in hists), dtype=np.int64, count=len(hists))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    history = np.array(' '.join(hists).split(' ')) if hists else np.array([], dtype=str)
+    users, targets = np.array(users), np.array(targets)
+    del hists
+    # check each distinct token once; report the first bad one in file order
+    bad = [t for t in np.unique(np.concatenate([history, targets])) if not token[0].fullmatch(t)]
+    if bad:
+        bad = np.array(bad)
+        in_hist = np.nonzero(np.isin(history, bad))[0]
+        in_target = np.nonzero(np.isin(targets, bad))[0]
+        rows = []
+        if len(in_hist):
+            rows.append((int(np.searchsorted(offsets, in_hist[0], side='right')) - 1, history[in_hist[0]]))
+        if len(in_target):
+            rows.append((int(in_target[0]), targets[in_target[0]]))
+        row, tok = min(rows, key=lambda x: x[0])
+        raise DataError(f'{path}: line {row + 2}: item token {str(tok)!r} is not {token[1]}')
+    return InterFile(users, history, offsets, targets)
 
 
-def number_tokens(split_rows):
-    """Token -> internal id (1..n), in order of first appearance over the
-    concatenated splits: all target items first, then all history items (as
-    RecBole's remapping of the item_id / item_id_list fields does)."""
-    ids = {}
-    for rows in split_rows:
-        for _, _, target in rows:
-            ids.setdefault(target, len(ids) + 1)
-    for rows in split_rows:
-        for _, history, _ in rows:
-            for tok in history:
-                ids.setdefault(tok, len(ids) + 1)
-    return ids
+def number_tokens(files):
+    """Number item tokens 1..n in order of first appearance over the concatenated
+    files: all target items first, then all history items (as RecBole's remapping
+    of the item_id / item_id_list fields does).
+
+    Returns:
+        (tokens str [n], token of id i at i-1; [(history ids int64 flat, target ids int64)] per file).
+    """
+    all_tokens = np.concatenate([f.targets for f in files] + [f.history for f in files])
+    uniq, first, inverse = np.unique(all_tokens, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind='stable')                            # distinct tokens by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    ids = rank[inverse.reshape(-1)] + 1
+    out, start = [], 0
+    n_targets = sum(len(f.targets) for f in files)
+    hist_start = n_targets
+    for f in files:
+        out.append((ids[hist_start:hist_start + len(f.history)], ids[start:start + len(f.targets)]))
+        start += len(f.targets)
+        hist_start += len(f.history)
+    return uniq[order], out
 
 
 def count_lines(path):
@@ -103,19 +158,22 @@ def load_features(path, dim, tokens, what, expected_rows=None):
     return torch.from_numpy(table)
 
 
-def pad_histories(histories, max_len):
-    """Left-aligned, 0-padded long [R, L] histories (the most recent max_len items kept, with a warning)."""
-    too_long = sum(len(h) > max_len for h in histories)
+def pad_histories(ids, offsets, max_len):
+    """Left-aligned, 0-padded long [R, L] histories from flat ids and row offsets
+    (the most recent max_len items kept, with a warning)."""
+    counts = np.diff(offsets)
+    too_long = int((counts > max_len).sum())
     if too_long:
         logger.warning(f'{too_long} histories are longer than MAX_ITEM_LIST_LENGTH = {max_len}; '
                        f'kept their most recent {max_len} items')
-    lengths = torch.tensor([min(len(h), max_len) for h in histories], dtype=torch.long)
-    width = int(lengths.max()) if len(histories) else 1
-    seq = torch.zeros(len(histories), width, dtype=torch.long)
-    for r, h in enumerate(histories):
-        h = h[-max_len:]
-        seq[r, :len(h)] = torch.tensor(h, dtype=torch.long)
-    return seq, lengths
+    lengths = np.minimum(counts, max_len)
+    width = int(lengths.max()) if len(counts) else 1
+    row = np.repeat(np.arange(len(counts)), counts)
+    col = np.arange(len(ids)) - offsets[:-1][row] - (counts - lengths)[row]   # < 0: cut off
+    keep = col >= 0
+    seq = torch.zeros(len(counts), width, dtype=torch.long)
+    seq[torch.from_numpy(row[keep]), torch.from_numpy(col[keep])] = torch.from_numpy(ids[keep].astype(np.int64))
+    return seq, torch.from_numpy(lengths.astype(np.int64))
 
 
 class SeqDataset:
@@ -137,18 +195,18 @@ class SeqDataset:
                             f"dataset = {self.name!r})")
         max_len = config['MAX_ITEM_LIST_LENGTH']
         raw = [read_inter(self._file(s + '.inter')) for s in SPLITS]
-        ids = number_tokens(raw)
-        self.item_tokens = list(ids)
-        self.n_items = len(ids) + 1
-        self.n_users = len({u for rows in raw for u, _, _ in rows}) + 1   # with PAD, as RecBole counts
-        self.n_inters = sum(len(rows) for rows in raw)
+        tokens, numbered = number_tokens(raw)
+        self.item_tokens = [str(t) for t in tokens]
+        self.n_items = len(tokens) + 1
+        self.n_users = len(np.unique(np.concatenate([f.users for f in raw]))) + 1   # with PAD, as RecBole counts
+        self.n_inters = sum(len(f) for f in raw)
 
-        self.pad_len = min(max(len(h) for rows in raw for _, h, _ in rows), max_len)
+        self.pad_len = min(max(int(f.lengths.max()) for f in raw), max_len)
         self.splits = {}
-        for split, rows in zip(SPLITS, raw):
-            seq, lengths = pad_histories([[ids[t] for t in h] for _, h, _ in rows], max_len)
-            target = torch.tensor([ids[t] for _, _, t in rows], dtype=torch.long)
-            self.splits[split] = {'item_seq': seq, 'item_seq_len': lengths, 'item_id': target}
+        for split, f, (hist_ids, target_ids) in zip(SPLITS, raw, numbered):
+            seq, lengths = pad_histories(hist_ids, f.offsets, max_len)
+            self.splits[split] = {'item_seq': seq, 'item_seq_len': lengths,
+                                  'item_id': torch.from_numpy(target_ids.astype(np.int64))}
 
         modal = config['modal_type']
         item_map = self._file('item2index')

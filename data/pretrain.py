@@ -132,16 +132,16 @@ class PretrainDataset:
         inter = os.path.join(self.path, f'{self.name}.train.inter')
         rows = read_inter(inter, PRETRAIN_TOKEN)
         self.domains = read_domains(os.path.join(self.path, f'{self.name}.pt_datasets'))
-        ids = number_tokens([rows])
-        self.item_tokens = list(ids)
-        self.n_items = len(ids) + 1
+        tokens, [(hist_ids, target_ids)] = number_tokens([rows])
+        self.item_tokens = [str(t) for t in tokens]
+        self.n_items = len(tokens) + 1
         dom, row = parse_tokens(self.item_tokens, self.domains, inter)
         self.item_domain = torch.from_numpy(np.concatenate([[-1], dom]))
 
-        max_len = config['MAX_ITEM_LIST_LENGTH']
-        seq, lengths = pad_histories([[ids[t] for t in h] for _, h, _ in rows], max_len)
+        seq, lengths = pad_histories(hist_ids, rows.offsets, config['MAX_ITEM_LIST_LENGTH'])
         self.split = {'item_seq': seq, 'item_seq_len': lengths,
-                      'item_id': torch.tensor([ids[t] for _, _, t in rows], dtype=torch.long)}
+                      'item_id': torch.from_numpy(target_ids.astype(np.int64))}
+        del rows
         self.pad_len = seq.shape[1]
 
         self.modalities = [m for m in MODALITIES if m in config['modal_type']]
