@@ -174,11 +174,14 @@ class MISSRec(SeqTransformer):
         full_len = item_seq.shape[1] if pad_len is None else pad_len
         has_zero = (item_seq_len < full_len).long()                      # a padded item gives id 0
         q_orig = int((n_valid + has_zero).max())
-        padded = packer.unpack(memory)                                   # [B, Qv+1, H]
-        valid_sum = (padded * (~key_mask).unsqueeze(-1)).sum(1)          # [B, H]
-        pad_out = padded.gather(1, n_valid.view(b, 1, 1).expand(b, 1, padded.shape[-1])).squeeze(1)
-        w = (n_valid.float() / q_orig).unsqueeze(-1)                     # [B, 1]
-        pooled = w * (valid_sum + (q_orig - n_valid).unsqueeze(-1).float() * pad_out)
+        # pooled = n/Q * (sum of the n valid outputs + (Q - n) * the PAD output), summed
+        # from the packed outputs: a row's n valid tokens come first, then its one PAD token
+        w = n_valid.float() / q_orig                                     # [B]
+        row = torch.repeat_interleave(torch.arange(b, device=ids.device), n_valid + 1)   # [T]
+        coef = w[row]
+        pad_token = (n_valid + 1).cumsum(0) - 1
+        coef[pad_token] = w * (q_orig - n_valid).float()
+        pooled = memory.new_zeros(b, memory.shape[1]).index_add(0, row, memory * coef.unsqueeze(1))
         reg = (pooled * pooled).sum() / pooled.shape[1]
         return (memory, packer, key_mask), reg
 
@@ -293,7 +296,8 @@ class MISSRec(SeqTransformer):
         item_emb = dict(tables)
         if self.use_id:
             item_emb['id'] = self.item_embedding.weight
-        return self.fused_logits(s, item_emb) / self.temperature, reg
+        # in place: no second [B, N] tensor (the fused logits are not saved for backward)
+        return self.fused_logits(s, item_emb).div_(self.temperature), reg
 
     def calculate_loss(self, batch):
         """CE over all N items (PAD column included, as in the original) + gamma * reg."""
@@ -334,11 +338,11 @@ class MISSRec(SeqTransformer):
         items = {m: gather(tables[m].index_select(0, batch['target_index']))[0] for m in self.modalities}
         item_ids, offset = gather(batch['item_id'])                                       # [B]
         labels = torch.arange(len(s), device=s.device) + offset
-        logits = self.fused_logits(s, items, item_ids) / self.temperature                 # [b, B]
+        logits = self.fused_logits(s, items, item_ids).div_(self.temperature)             # [b, B]
         seq_item = F.cross_entropy(logits, labels, reduction='none')
         # sequence-sequence: each sequence against the augmented copies
         s_aug_all = gather(s_aug)[0]                                                       # [B, H]
-        seq_seq = F.cross_entropy(s @ s_aug_all.t() / self.temperature, labels, reduction='none')
+        seq_seq = F.cross_entropy((s @ s_aug_all.t()).div_(self.temperature), labels, reduction='none')
         return seq_item, seq_seq, reg + reg_aug
 
     @torch.no_grad()

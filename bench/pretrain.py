@@ -1,31 +1,132 @@
-"""Pre-training throughput (sequences/s) with 1 and 2 CPU processes on the demo pre-training set.
+"""Pre-training throughput: sequences/s, seconds per batch and peak memory.
 
-    python bench/pretrain.py [--steps 6] [--batch 512] [--hidden 300] [--setups 1x1,1x2,2x1]
+    python bench/pretrain.py                         # real corpus BTG_text, batch 4096, both kmeans modes
+    python bench/pretrain.py --baseline c0f10eb      # ... and the code of another commit, in the same run
+    python bench/pretrain.py --data demo [--setups 1x1,1x2,2x1] [--batch 512]   # processes x threads
 
-Same global batch and steps for every setup (processes x torch threads per
-process). Timing covers training steps only (after one
-warm-up step), not start-up, data loading or interest discovery. Ends with one
-line `RESULT key=value ...`.
+`--data btg` reads `../shared/datasets/pretrain/BTG_text` (440,714 sequences,
+384-d text, no images) and times `--steps` full batches of the paper's global
+batch 4096 after one warm-up batch, each setting in a fresh process (peak RSS
+is that process's). `kmeans_mode=original` collapses the interests at the
+start of training (few interests per row, like epoch 0); `lloyd` gives each
+row its real distinct interests (about 6 per row, like later epochs), which
+costs more. The projected epoch is 108 batches plus one interest discovery.
+With `--baseline REV` the same measurement runs on `git archive REV` of this
+repository, so the ratio is measured on one machine in one run.
+
+`--data demo` times 1 or 2 processes (gloo) on the generated demo corpus. Both
+modes end with one line `RESULT key=value ...`.
 """
 import argparse
+import json
 import os
 import pathlib
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-import distributed as D  # noqa: E402
-from config import Config, stage_files  # noqa: E402
-from data.pretrain import PretrainDataset  # noqa: E402
-from ddp_pretrain import Pretrainer  # noqa: E402
-from tools.make_demo_data import write_pretrain  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BTG_BATCHES = 108          # ceil(440,714 / 4096)
+# measured before this benchmark existed (2 cores, one process): issue 13 of the tracker
+BTG_FIRST_MEASURED = {'epoch0_s': 797, 'epoch1_s': 1236, 's_per_batch': 7.2, 'peak_rss_gb': 6.65}
 
 
-def _worker(index, nproc, port, root, a, out):
+def import_pretrainer():
+    try:
+        from trainer import Pretrainer
+    except ImportError:       # the layout before the pre-training loop moved into trainer.py
+        from ddp_pretrain import Pretrainer
+    return Pretrainer
+
+
+# --------------------------------------------------------------- BTG_text, one process
+def btg_worker(root, data_path, kmeans_mode, steps, batch):
+    """Runs in a fresh process with `root` first on sys.path; prints one JSON line."""
+    sys.path.insert(0, root)
+    import torch
+    from config import Config, stage_files
+    from data.pretrain import PretrainDataset
+    Pretrainer = import_pretrainer()
+    start = time.perf_counter()
+    config = Config('BTG_text', stage_files('pretrain'), {
+        'data_path': data_path, 'train_stage': 'pretrain', 'use_gpu': False, 'show_progress': False,
+        'modal_type': 'text', 'plm_size': 384, 'kmeans_mode': kmeans_mode, 'train_batch_size': batch})
+    dataset = PretrainDataset(config)
+    load_s = time.perf_counter() - start
+    trainer = Pretrainer(config, dataset, torch.device('cpu'))
+    start = time.perf_counter()
+    trainer.discover(0)
+    discovery_s = time.perf_counter() - start
+    trainer.model.train()
+    trainer.batches.set_epoch(0)
+    batches = iter(trainer.batches)
+    trainer.step(next(batches))                                        # warm-up
+    data_s = step_s = 0.0
+    losses = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        b = next(batches)
+        t1 = time.perf_counter()
+        losses.append(trainer.step(b))
+        data_s += t1 - t0
+        step_s += time.perf_counter() - t1
+    print(json.dumps({'load_s': load_s, 'discovery_s': discovery_s, 's_per_batch': (data_s + step_s) / steps,
+                      'data_s_per_batch': data_s / steps, 'losses': losses,
+                      'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+
+
+def run_btg(a):
+    data_path = os.path.abspath(a.data_path)
+    if not os.path.isdir(os.path.join(data_path, 'BTG_text')):
+        sys.exit(f'error: {data_path}/BTG_text not found (--data_path)')
+    trees = {'this tree': str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.baseline:
+            base = os.path.join(tmp, 'baseline')
+            os.makedirs(base)
+            archive = subprocess.run(['git', '-C', str(ROOT), 'archive', a.baseline], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(['tar', '-x', '-C', base], input=archive, check=True)
+            trees = {f'baseline {a.baseline}': base, **trees}
+        results = {}
+        print(f'BTG_text, batch {a.batch}, {a.steps} timed batches after one warm-up, one process, '
+              f'{os.environ.get("OMP_NUM_THREADS", "default")} threads')
+        print('| code | kmeans_mode | s per batch | sequences/s | projected epoch s | discovery s | '
+              'peak RSS GB | first losses |')
+        print('|---|---|---|---|---|---|---|---|')
+        for mode in a.modes.split(','):
+            for name, root in trees.items():
+                out = subprocess.run([sys.executable, __file__, '--worker', root, '--data_path', data_path,
+                                      '--modes', mode, '--steps', str(a.steps), '--batch', str(a.batch)],
+                                     check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                results[name, mode] = r
+                epoch = BTG_BATCHES * r['s_per_batch'] + r['discovery_s']
+                print(f"| {name} | {mode} | {r['s_per_batch']:.2f} | {a.batch / r['s_per_batch']:.0f} | "
+                      f"{epoch:.0f} | {r['discovery_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+                      f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])} |", flush=True)
+    print(f"first measured on this machine kind (before this benchmark): {BTG_FIRST_MEASURED}")
+    parts = []
+    for mode in a.modes.split(','):
+        r = results['this tree', mode]
+        parts += [f's_per_batch_{mode}={r["s_per_batch"]:.2f}', f'seq_per_s_{mode}={a.batch / r["s_per_batch"]:.0f}',
+                  f'epoch_s_{mode}={BTG_BATCHES * r["s_per_batch"] + r["discovery_s"]:.0f}',
+                  f'peak_rss_gb_{mode}={r["peak_rss_gb"]:.2f}']
+        if a.baseline:
+            b = results[f'baseline {a.baseline}', mode]
+            parts.append(f'speedup_{mode}={b["s_per_batch"] / r["s_per_batch"]:.2f}')
+    print('RESULT data=BTG_text ' + ' '.join(parts))
+
+
+# ---------------------------------------------------- demo corpus, 1 or 2 processes
+def _demo_worker(index, nproc, port, root, a, out):
+    import torch
+    import distributed as D
+    from config import Config, stage_files
+    from data.pretrain import PretrainDataset
+    Pretrainer = import_pretrainer()
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(a.threads)
@@ -50,13 +151,10 @@ def _worker(index, nproc, port, root, a, out):
         D.teardown()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--steps', type=int, default=6)
-    ap.add_argument('--batch', type=int, default=512)
-    ap.add_argument('--hidden', type=int, default=300)
-    ap.add_argument('--setups', default='1x1,1x2,2x1', help='processes x threads per process, comma-separated')
-    a = ap.parse_args()
+def run_demo(a):
+    sys.path.insert(0, str(ROOT))
+    import distributed as D
+    from tools.make_demo_data import write_pretrain
     with tempfile.TemporaryDirectory() as tmp:
         write_pretrain(tmp, name='DemoPT')                             # 3 domains x 600 users, 512-d features
         rates = {}
@@ -64,7 +162,7 @@ def main():
         for setup in a.setups.split(','):
             n, a.threads = (int(v) for v in setup.split('x'))
             out = os.path.join(tmp, f'time{setup}')
-            D.spawn(_worker, n, tmp, a, out)
+            D.spawn(_demo_worker, n, tmp, a, out)
             seconds = float(pathlib.Path(out).read_text())
             rates[setup] = a.steps * a.batch / seconds
             print(f'| {setup} | {rates[setup]:.1f} | {seconds:.2f} |', flush=True)
@@ -74,7 +172,30 @@ def main():
     for base in ('1x1', '1x2'):
         if base in rates and '2x1' in rates:
             parts.append(f'speedup_2x1_over_{base}={rates["2x1"] / rates[base]:.2f}')
-    print('RESULT ' + ' '.join(parts + [f'batch={a.batch}', f'hidden={a.hidden}', f'steps={a.steps}']))
+    print('RESULT data=demo ' + ' '.join(parts + [f'batch={a.batch}', f'hidden={a.hidden}', f'steps={a.steps}']))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--data', choices=['btg', 'demo'], default='btg')
+    ap.add_argument('--data_path', default=str(ROOT.parent / 'shared' / 'datasets' / 'pretrain'))
+    ap.add_argument('--modes', default='original,lloyd', help='btg: kmeans modes, comma-separated')
+    ap.add_argument('--baseline', default='', help='btg: also time this git revision (e.g. a commit id)')
+    ap.add_argument('--steps', type=int, default=None, help='timed batches (btg 4, demo 6)')
+    ap.add_argument('--batch', type=int, default=None, help='global batch (btg 4096, demo 512)')
+    ap.add_argument('--hidden', type=int, default=300, help='demo: hidden size')
+    ap.add_argument('--setups', default='1x1,1x2,2x1', help='demo: processes x threads, comma-separated')
+    ap.add_argument('--worker', default='', help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    btg = a.data == 'btg'
+    a.steps = a.steps or (4 if btg else 6)
+    a.batch = a.batch or (4096 if btg else 512)
+    if a.worker:
+        btg_worker(a.worker, a.data_path, a.modes, a.steps, a.batch)
+    elif btg:
+        run_btg(a)
+    else:
+        run_demo(a)
 
 
 if __name__ == '__main__':
