@@ -105,6 +105,16 @@ class DDPTrainer(Trainer):
         D.barrier()
 
 
+def has_unused_parameters(model):
+    """True when a trainable parameter never gets a gradient, which DDP must be told: with
+    modal_type none the interest encoder and the decoder's cross-attention have no input; with
+    transductive_ft and id_type none the ID embedding exists (the original's module) but is unused."""
+    def trainable(module):
+        return module is not None and any(p.requires_grad for p in module.parameters())
+    return ((not model.modalities and trainable(model.trm_model.encoder))
+            or (not model.use_id and trainable(model.item_embedding)))
+
+
 def build_trainer(config, device):
     """Dataset, model, DDP wrapper, sharded batches and trainer of this process."""
     init_seed(config['seed'], config['reproducibility'])       # same initial weights everywhere
@@ -113,11 +123,9 @@ def build_trainer(config, device):
         logger.info(line)
     init_seed(config['seed'] + D.rank(), config['reproducibility'])
     module = FinetuneLoss(model)
-    if D.is_dist():
-        # modal_type none has no interest tokens: the encoder and the decoder's cross-attention
-        # get no gradient, which DDP must be told (the search costs a graph walk per step)
+    if D.is_dist():   # (the search for unused parameters costs a graph walk per step: only when needed)
         module = DistributedDataParallel(module, device_ids=[device] if device.type == 'cuda' else None,
-                                         find_unused_parameters=not model.modalities)
+                                         find_unused_parameters=has_unused_parameters(model))
     shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
     batches = {'train': ShardedBatches(dataset.splits['train'], config['train_batch_size'], shuffle=True,
                                        seed=config['seed'], **shard)}

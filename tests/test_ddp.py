@@ -220,9 +220,11 @@ def test_cli_finetuning_with_a_last_batch_smaller_than_the_processes(data, tmp_p
     assert proc.stdout.count('epoch 1 training [time:') == 1 and 'test result: OrderedDict' in proc.stdout
 
 
-def test_cli_finetuning_without_modalities(data, tmp_path):
-    """modal_type none: the interest encoder gets no gradient (DDP failed at the second step)."""
-    proc = _finetune_cli(data, tmp_path, '--epochs=1', '--train_batch_size=300', '--modal_type=none')
+@pytest.mark.parametrize('unused', ['--modal_type=none', '--id_type=none'])
+def test_cli_finetuning_with_parameters_that_get_no_gradient(data, tmp_path, unused):
+    """modal_type none: the interest encoder gets no gradient; id_type none (transductive): the ID
+    embedding. DDP failed at the second step."""
+    proc = _finetune_cli(data, tmp_path, '--epochs=1', '--train_batch_size=300', unused)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'epoch 0 training [time:' in proc.stdout
 
