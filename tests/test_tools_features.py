@@ -174,3 +174,107 @@ def test_malformed_text(tmp_path, tiny_clip, capsys):
     assert not [p for p in os.listdir(data) if "feat" in p]
     with pytest.raises(ToolError, match="image folder not found"):
         extract_features.extract(str(data), model=tiny_clip, images=str(tmp_path / "nope"), features=(3,))
+
+
+# ------------------------------------------------------------------ sentence encoder
+HIDDEN = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_sentence(tmp_path_factory):
+    """A randomly initialised BERT saved as a sentence-transformers folder (mean pooling,
+    normalise, max_seq_length 12), shaped like all-MiniLM-L6-v2 but tiny."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tinyst")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "glue", "lab", "glass", "flask", "tape", "scale",
+             "beaker", "gorilla", "."] + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(d / "vocab.txt"))
+    cfg = BertConfig(vocab_size=len(words), hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": HIDDEN, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return str(d)
+
+
+def _mean_pooled(folder, text, max_len=12):
+    """One text alone (no padding in the batch): mean of its token states, L2-normalised."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok([text], truncation=True, max_length=max_len, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**enc).last_hidden_state[0]
+    v = states.mean(0).numpy()
+    return v / np.linalg.norm(v)
+
+
+def test_sentence_encoder_text_only(tmp_path, tiny_sentence, capsys):
+    data, _, texts = _dataset(tmp_path)
+    rc = extract_features.main(["--data", str(data), "--encoder", "sentence", "--model", tiny_sentence,
+                                "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert "sentence model" in capsys.readouterr().out
+    # text only: feat1CLS and the word-dropped feat2CLS, hidden_size columns, no image file
+    assert sorted(os.listdir(data)) == ["Tiny.feat1CLS", "Tiny.feat2CLS", "Tiny.item2index", "Tiny.text"]
+    f1 = np.fromfile(str(data / "Tiny.feat1CLS"), dtype="<f4").reshape(N_ITEMS, HIDDEN)
+    f2 = np.fromfile(str(data / "Tiny.feat2CLS"), dtype="<f4").reshape(N_ITEMS, HIDDEN)
+    np.testing.assert_allclose(np.linalg.norm(f1, axis=1), 1.0, rtol=1e-5)
+    # batches of 2 texts of different lengths: the padding must not enter the mean
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(f1[i], _mean_pooled(tiny_sentence, text), rtol=1e-4, atol=1e-5)
+        dropped = extract_features.word_drop(text, 0.2, 2020, i)
+        np.testing.assert_allclose(f2[i], _mean_pooled(tiny_sentence, dropped), rtol=1e-4, atol=1e-5)
+    assert any(extract_features.word_drop(t, 0.2, 2020, i) != t for i, t in enumerate(texts))
+    assert not np.allclose(f1, f2)
+
+
+def test_sentence_encoder_options(tmp_path, tiny_sentence, capsys):
+    data, _, _ = _dataset(tmp_path)
+    enc = extract_features.SentenceEncoder(tiny_sentence, device="cpu")
+    assert enc.dim == HIDDEN and enc.max_len == 12  # sentence_bert_config.json's max_seq_length
+    long_text = " ".join(["glue"] * 40)
+    np.testing.assert_allclose(enc.text_features([long_text])[0], _mean_pooled(tiny_sentence, long_text),
+                               rtol=1e-4, atol=1e-5)
+    # --suffix names the files for a second text encoder beside the CLIP ones
+    assert extract_features.main(["--data", str(data), "--encoder", "sentence", "--model", tiny_sentence,
+                                  "--features", "1", "--suffix", "MiniLM", "--device", "cpu"]) == 0
+    assert os.path.getsize(data / "Tiny.feat1MiniLM") == N_ITEMS * HIDDEN * 4
+    assert not (data / "Tiny.feat1CLS").exists()
+    capsys.readouterr()
+    # a sentence encoder has no image features
+    assert extract_features.main(["--data", str(data), "--encoder", "sentence", "--model", tiny_sentence,
+                                  "--features", "3", "--device", "cpu"]) == 2
+    assert "makes text features only (1, 2)" in capsys.readouterr().err
+    # a model that pools another way is refused, not silently mean-pooled
+    cls_model = tmp_path / "cls"
+    os.makedirs(cls_model / "1_Pooling")
+    (cls_model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                     "pooling_mode_mean_tokens": False}))
+    with pytest.raises(ToolError, match="pools with pooling_mode_cls_token; this tool computes mean pooling"):
+        extract_features.SentenceEncoder(str(cls_model), device="cpu")
+    with pytest.raises(ToolError, match="cannot load the sentence encoder"):
+        extract_features.SentenceEncoder(str(tmp_path / "empty_model"), device="cpu")
+
+
+def test_sentence_encoder_matches_sentence_transformers(tmp_path, tiny_sentence):
+    st = pytest.importorskip("sentence_transformers")
+    data, _, texts = _dataset(tmp_path)
+    extract_features.extract(str(data), encoder="sentence", model=tiny_sentence, features=(1,), batch_size=3,
+                             device="cpu", quiet=True)
+    f1 = np.fromfile(str(data / "Tiny.feat1CLS"), dtype="<f4").reshape(N_ITEMS, HIDDEN)
+    ref = st.SentenceTransformer(tiny_sentence, device="cpu").encode(texts, batch_size=3, convert_to_numpy=True)
+    np.testing.assert_allclose(f1, ref, rtol=1e-4, atol=1e-5)

@@ -1,23 +1,31 @@
-"""Extract CLIP text/image features of a processed dataset's items (.feat1CLS/.feat2CLS/.feat3CLS).
+"""Extract item text/image features of a processed dataset (.feat1CLS/.feat2CLS/.feat3CLS).
 
-Example:
+Examples:
     python tools/extract_features.py --data datasets/downstream/Scientific --images images/Scientific \
         --model openai/clip-vit-base-patch32 --batch-size 64
+    python tools/extract_features.py --data datasets/downstream/Beauty --encoder sentence \
+        --model sentence-transformers/all-MiniLM-L6-v2        # text only: feat1CLS, feat2CLS (384-d)
 
 Reads ``{name}.item2index`` (row r of every output = item index r) and ``{name}.text``
 (``item_id:token\\ttext:token_seq``, keyed by the raw item id or by the item index)
 in ``--data`` (``--name`` defaults to the folder's name) and writes:
 
-* ``{name}.feat1CLS``: CLIP text features (``get_text_features``) of each item's text;
+* ``{name}.feat1CLS``: text features of each item's text: ``--encoder clip`` (default)
+  CLIP's ``get_text_features``; ``--encoder sentence`` a sentence encoder
+  (all-MiniLM-L6-v2 by default): last hidden states mean-pooled over the tokens with
+  the attention mask, then L2-normalised, as sentence-transformers computes them;
 * ``{name}.feat2CLS``: the same after dropping each word with probability
-  ``--word-drop`` (0.2; seeded per item by ``--seed``, at least one word kept);
-* ``{name}.feat3CLS``: CLIP image features (``get_image_features``) of each item's image:
+  ``--word-drop`` (0.2, i.e. each word kept with probability 0.8; seeded per item by
+  ``--seed``, at least one word kept): the text augmentation pre-training needs;
+* ``{name}.feat3CLS`` (CLIP only): image features (``get_image_features``) of each item's image:
   ``{images}/{index}.jpg`` (or .jpeg/.png), else the file named like the url's last
   path part in ``--image-cache`` (urls from ``{name}.image_urls``; nothing is downloaded).
 
-Each file: raw little-endian float32, ``projection_dim`` columns, no header. An item
-without text or without a readable image gets a zero row (= modality missing) and is
-counted in the summary. Rows are written in order to ``{file}.partial`` with a
+``--suffix MiniLM`` names the files ``.feat1MiniLM`` etc. instead (fine-tune on them
+with ``--plm_suffix=feat1MiniLM``). Each file: raw little-endian float32, the
+encoder's width in columns (CLIP ``projection_dim``, sentence encoder ``hidden_size``),
+no header. An item without text or without a readable image gets a zero row
+(= modality missing) and is counted in the summary. Rows are written in order to ``{file}.partial`` with a
 ``{file}.partial.json`` progress sidecar; a rerun with the same settings continues
 after the last complete batch, and the file gets its final name only when complete.
 """
@@ -185,6 +193,75 @@ class Clip:
         return out.float().cpu().numpy()
 
 
+class SentenceEncoder:
+    """A sentence-transformers text encoder run through plain transformers: token states
+    mean-pooled with the attention mask, then L2-normalised (all-MiniLM-L6-v2's modules)."""
+
+    def __init__(self, model: str, device: Optional[str] = None):
+        try:
+            import torch
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as e:
+            raise ToolError(f"feature extraction needs torch and transformers ({e}); "
+                            f"pip install -r requirements-tools.txt") from None
+        self.torch = torch
+        self.name = model
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pooling = _st_json(model, "1_Pooling/config.json")
+        if pooling and not pooling.get("pooling_mode_mean_tokens", False):
+            modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+            raise ToolError(f"{model}: its 1_Pooling/config.json pools with {', '.join(modes) or 'no mode'}; "
+                            f"this tool computes mean pooling only")
+        try:
+            self.model = AutoModel.from_pretrained(model).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise ToolError(f"cannot load the sentence encoder/tokenizer from {model!r}: "
+                            f"{str(e).splitlines()[0]}") from None
+        self.dim = int(self.model.config.hidden_size)
+        limit = int(getattr(self.model.config, "max_position_embeddings", 512))
+        limit = min(limit, int(getattr(self.tokenizer, "model_max_length", limit) or limit))
+        # sentence-transformers truncates at its own max_seq_length (256 for all-MiniLM-L6-v2)
+        st_len = (_st_json(model, "sentence_bert_config.json") or {}).get("max_seq_length")
+        self.max_len = min(limit, int(st_len)) if st_len else limit
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()
+               if k in ("input_ids", "attention_mask", "token_type_ids")}
+        with self.torch.no_grad():
+            states = self.model(**enc).last_hidden_state                          # [B, T, H]
+            mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)           # [B, T, 1]
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)         # [B, H]
+            out = self.torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return out.float().cpu().numpy()
+
+
+def _st_json(model: str, filename: str) -> Optional[dict]:
+    """A sentence-transformers config file of a local folder or a hub model; None when absent."""
+    if os.path.isdir(model):
+        path = os.path.join(model, filename)
+    else:
+        try:
+            from transformers.utils import cached_file
+            path = cached_file(model, filename, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except Exception:  # offline, unknown repo, older transformers: fall back to the plain model
+            path = None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as fp:
+            return json.load(fp)
+    except (OSError, ValueError):
+        raise ToolError(f"{path}: expected a JSON object") from None
+
+
+ENCODERS = {"clip": Clip, "sentence": SentenceEncoder}
+DEFAULT_MODELS = {"clip": "openai/clip-vit-base-patch32", "sentence": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
 def load_image(path: Optional[str]):
     """PIL RGB image, or None when the file is missing or unreadable."""
     if path is None:
@@ -239,11 +316,21 @@ def _run_feature(final: str, n: int, dim: int, batch_size: int, settings: dict,
     os.remove(sidecar)
 
 
-def extract(data: str, name: Optional[str] = None, model: str = "openai/clip-vit-base-patch32",
-            images: Optional[str] = None, image_cache: Optional[str] = None, features: Sequence[int] = (1, 2, 3),
+def extract(data: str, name: Optional[str] = None, model: Optional[str] = None,
+            images: Optional[str] = None, image_cache: Optional[str] = None, features: Optional[Sequence[int]] = None,
             batch_size: int = 64, word_drop_ratio: float = 0.2, seed: int = 2020, device: Optional[str] = None,
             overwrite: bool = False, after_batch: Optional[Callable[[str, int], None]] = None,
-            quiet: bool = False) -> dict:
+            quiet: bool = False, encoder: str = "clip", suffix: str = "CLS") -> dict:
+    """Write the feature files of one dataset; ``features`` defaults to (1, 2, 3) for
+    CLIP and (1, 2) for a sentence encoder (text only)."""
+    if encoder not in ENCODERS:
+        raise ToolError(f"unknown encoder {encoder!r} (expected {' or '.join(ENCODERS)})")
+    model = model or DEFAULT_MODELS[encoder]
+    features = tuple(features) if features is not None else ((1, 2, 3) if encoder == "clip" else (1, 2))
+    if encoder != "clip" and 3 in features:
+        raise ToolError(f"--encoder {encoder} makes text features only (1, 2); image features (3) need --encoder clip")
+    if not suffix or not suffix.replace("_", "").isalnum():
+        raise ToolError(f"--suffix {suffix!r}: expected letters, digits or '_' (files are named .feat1{{suffix}})")
     name = name or os.path.basename(os.path.normpath(data))
     base = os.path.join(data, name)
     item2index = read_item2index(base + ".item2index")
@@ -261,17 +348,19 @@ def extract(data: str, name: Optional[str] = None, model: str = "openai/clip-vit
             import PIL  # noqa: F401
         except ImportError:
             raise ToolError("image features need pillow (pip install pillow)") from None
-    todo = [f for f in sorted(set(features)) if overwrite or not os.path.isfile(f"{base}.feat{f}CLS")]
+    todo = [f for f in sorted(set(features)) if overwrite or not os.path.isfile(f"{base}.feat{f}{suffix}")]
     summary: dict = {"items": n}
     for f in sorted(set(features) - set(todo)):
-        summary[f"feat{f}CLS"] = "exists"
+        summary[f"feat{f}{suffix}"] = "exists"
         if not quiet:
-            print(f"{base}.feat{f}CLS exists, skipped (use --overwrite)")
+            print(f"{base}.feat{f}{suffix} exists, skipped (use --overwrite)")
     if not todo:
         return summary
-    clip = Clip(model, device)
-    dim = clip.dim
+    enc = ENCODERS[encoder](model, device)
+    dim = enc.dim
     common = {"model": model, "n_items": n, "dim": dim, "batch_size": batch_size}
+    if encoder != "clip":  # CLIP's sidecars keep their old settings, so old partial files still resume
+        common["encoder"] = encoder
 
     def text_compute(drop: bool):
         def compute(start, stop):
@@ -279,7 +368,7 @@ def extract(data: str, name: Optional[str] = None, model: str = "openai/clip-vit
             idx = [i for i in range(start, stop) if texts[i] and texts[i].strip()]
             if idx:
                 batch = [word_drop(texts[i], word_drop_ratio, seed, i) if drop else texts[i] for i in idx]
-                out[[i - start for i in idx]] = clip.text_features(batch)
+                out[[i - start for i in idx]] = enc.text_features(batch)
             return out
         return compute
 
@@ -301,34 +390,35 @@ def extract(data: str, name: Optional[str] = None, model: str = "openai/clip-vit
             loaded.append(im)
             idx.append(i - start)
         if loaded:
-            out[idx] = clip.image_features(loaded)
+            out[idx] = enc.image_features(loaded)
         return out
 
     n_no_text = sum(1 for t in texts if not (t and t.strip())) if texts else 0
     for f in todo:
-        final = f"{base}.feat{f}CLS"
+        kind = f"feat{f}{suffix}"
+        final = f"{base}.{kind}"
         if f == 1:
             _run_feature(final, n, dim, batch_size, dict(common, kind="text"), text_compute(False),
-                         "feat1CLS", after_batch)
-            summary["feat1CLS_zero_rows"] = n_no_text
+                         kind, after_batch)
+            summary[f"{kind}_zero_rows"] = n_no_text
         elif f == 2:
             _run_feature(final, n, dim, batch_size,
                          dict(common, kind="text_word_drop", word_drop=word_drop_ratio, seed=seed),
-                         text_compute(True), "feat2CLS", after_batch)
-            summary["feat2CLS_zero_rows"] = n_no_text
+                         text_compute(True), kind, after_batch)
+            summary[f"{kind}_zero_rows"] = n_no_text
         elif f == 3:
             _run_feature(final, n, dim, batch_size, dict(common, kind="image", images=images, cache=image_cache),
-                         image_compute, "feat3CLS", after_batch)
-            summary["feat3CLS_missing_images"] = missing_images
-            summary["feat3CLS_unreadable_images"] = unreadable_images
+                         image_compute, kind, after_batch)
+            summary[f"{kind}_missing_images"] = missing_images
+            summary[f"{kind}_unreadable_images"] = unreadable_images
         else:
             raise ToolError(f"unknown feature number {f} (expected 1, 2 or 3)")
     summary["dim"] = dim
     if not quiet:
-        msg = [f"{name}: {n} items, {dim} columns, model {model} on {clip.device}"]
-        if "feat1CLS_zero_rows" in summary or "feat2CLS_zero_rows" in summary:
+        msg = [f"{name}: {n} items, {dim} columns, {encoder} model {model} on {enc.device}"]
+        if {1, 2} & set(todo):
             msg.append(f"items without text (zero rows): {n_no_text}")
-        if "feat3CLS_missing_images" in summary:
+        if 3 in todo:
             msg.append(f"items without image (zero rows): {missing_images} missing + {unreadable_images} unreadable"
                        f" (only counts items processed in this run)")
         print("; ".join(msg))
@@ -340,11 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="processed dataset folder (holds {name}.text, {name}.item2index)")
     p.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
-    p.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP model folder or hub name")
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default="clip",
+                   help="clip (text and image, the original's features) or sentence (text only: mean-pooled, "
+                        "L2-normalised sentence-transformers model)")
+    p.add_argument("--model", default=None,
+                   help="model folder or hub name (default openai/clip-vit-base-patch32 for clip, "
+                        "sentence-transformers/all-MiniLM-L6-v2 for sentence)")
     p.add_argument("--images", default=None, help="folder with {item_index}.jpg images")
     p.add_argument("--image-cache", default=None, help="folder of images named like the last part of their url")
-    p.add_argument("--features", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
-                   help="which files to write: 1 text, 2 word-dropped text, 3 image (default all)")
+    p.add_argument("--features", type=int, nargs="+", default=None, choices=[1, 2, 3],
+                   help="which files to write: 1 text, 2 word-dropped text, 3 image "
+                        "(default 1 2 3 for clip, 1 2 for sentence)")
+    p.add_argument("--suffix", default="CLS", help="file names end .feat{1,2,3}SUFFIX (default CLS)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--word-drop", type=float, default=0.2, help="word drop probability for feat2CLS")
     p.add_argument("--seed", type=int, default=2020)
@@ -360,10 +457,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ToolError("--batch-size must be >= 1")
         if not 0 <= args.word_drop < 1:
             raise ToolError("--word-drop must be in [0, 1)")
-        if 3 in args.features and not (args.images or args.image_cache):
+        features = args.features or ([1, 2, 3] if args.encoder == "clip" else [1, 2])
+        if 3 in features and args.encoder == "clip" and not (args.images or args.image_cache):
             raise ToolError("image features (3) need --images and/or --image-cache")
-        extract(args.data, args.name, args.model, args.images, args.image_cache, args.features, args.batch_size,
-                args.word_drop, args.seed, args.device, args.overwrite)
+        extract(args.data, args.name, args.model, args.images, args.image_cache, features, args.batch_size,
+                args.word_drop, args.seed, args.device, args.overwrite, encoder=args.encoder, suffix=args.suffix)
         return 0
     return run_main(_run, argv)
 
