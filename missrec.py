@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster_utils import write_interest_tables
-from model_utils import Packer, SeqTransformer
+from model_utils import Packer, SeqTransformer, dropout
 
 
 def unique_interests(ids):
@@ -194,6 +194,11 @@ class MISSRec(SeqTransformer):
         of growing with the longest row of the batch."""
         position = active.reshape(-1).long().cumsum(0) - 1               # packed index of each slot
         width = active.shape[1]
+        # The encoder's inputs are rows of the interest table, so the first layer's
+        # in-projection is computed once per table row and gathered (exact).
+        layers = self.trm_model.encoder.layers
+        table_qkv = (F.linear(interest_table, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
+                     if len(layers) else None)                          # [K+1, 3H]
         outputs, targets = [], []
         lower, upper = 0, 2
         while True:
@@ -202,7 +207,9 @@ class MISSRec(SeqTransformer):
                 q = int(n_valid[rows].max()) + 1
                 sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
                 sub = Packer(sub_active)
-                outputs.append(self.encode_memory(interest_table[sub.pack(ids[rows, :q])], sub, sub_mask))
+                idx = sub.pack(ids[rows, :q])                            # [t] interest ids
+                outputs.append(self.encode_memory(interest_table.index_select(0, idx), sub, sub_mask,
+                                                  None if table_qkv is None else table_qkv.index_select(0, idx)))
                 flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
                 targets.append(position[flat])
             if upper >= int(n_valid.max()):
@@ -247,7 +254,7 @@ class MISSRec(SeqTransformer):
             for m in self.modalities:
                 table, index = modal_emb[m]
                 x = x + table.index_select(0, index.reshape(-1)[seq_pos])
-        tokens = self.dropout(self.LayerNorm(x))                         # [T, H]
+        tokens = dropout(self.LayerNorm(x), self.dropout.p, self.training)   # [T, H]
 
         # position of each output token inside the packed tokens
         packed_index = active.reshape(-1).long().cumsum(0) - 1

@@ -1,0 +1,61 @@
+"""The packed layers of model_utils.py draw the same random numbers as torch's own."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_utils import Packer, attention, dropout
+
+
+@pytest.mark.parametrize('p', [0.5, 0.2, 0.1])
+@pytest.mark.parametrize('transposed', [False, True])
+def test_dropout_equals_torch_dropout_in_value_gradient_and_draws(p, transposed):
+    x0 = torch.randn(300, 70, dtype=torch.float32)
+    x0 = x0.t() if transposed else x0                 # a non-contiguous input keeps torch's fill order
+    outs = []
+    for fn in (F.dropout, dropout):
+        x = x0.clone().requires_grad_(True) if not transposed else x0.t().clone().t().requires_grad_(True)
+        torch.manual_seed(11)
+        y = fn(x, p, True)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), x.grad, torch.rand(3)))   # the generator is left in the same state
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert 0 < (outs[0][0] == 0).float().mean() < 1
+
+
+def test_dropout_is_the_identity_in_eval():
+    x = torch.randn(5, 4)
+    assert dropout(x, 0.5, False) is x
+
+
+def _padded_attention(mha, q, k, key_padding_mask, training):
+    """nn.MultiheadAttention's arithmetic on padded [B, L, H] inputs, dropout from SDPA."""
+    h, nh = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    qp, kp, vp = F.linear(q, w[:h], b[:h]), F.linear(k, w[h:2 * h], b[h:2 * h]), F.linear(k, w[2 * h:], b[2 * h:])
+    heads = [t.view(t.shape[0], t.shape[1], nh, h // nh).transpose(1, 2) for t in (qp, kp, vp)]
+    ctx = F.scaled_dot_product_attention(*heads, attn_mask=~key_padding_mask[:, None, None, :],
+                                         dropout_p=mha.dropout if training else 0.0)
+    ctx = ctx.transpose(1, 2).reshape(q.shape[0], q.shape[1], h)
+    return F.linear(ctx, mha.out_proj.weight, mha.out_proj.bias)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_one_query_attention_equals_padded_attention_with_the_same_dropout(training):
+    """One query per row (the last decoder layer) runs on packed keys and values; its
+    attention dropout must draw what `scaled_dot_product_attention` draws."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True)
+    lengths = torch.tensor([3, 1, 6, 4])
+    keys = torch.randn(4, 6, 16)
+    mask = torch.arange(6)[None, :] >= lengths[:, None]               # [B, Lk] True = padding
+    query = torch.randn(4, 1, 16)
+    kv_packer, q_packer = Packer(~mask), Packer(torch.ones(4, 1, dtype=torch.bool))
+    torch.manual_seed(5)
+    packed = attention(mha, q_packer.pack(query), q_packer, kv_packer.pack(keys), kv_packer, mask, training)
+    after_packed = torch.rand(2)
+    torch.manual_seed(5)
+    padded = _padded_attention(mha, query, keys, mask, training)[:, 0]
+    assert torch.allclose(packed, padded, atol=1e-6)
+    assert torch.equal(after_packed, torch.rand(2))
