@@ -278,3 +278,36 @@ def test_sentence_encoder_matches_sentence_transformers(tmp_path, tiny_sentence)
     f1 = np.fromfile(str(data / "Tiny.feat1CLS"), dtype="<f4").reshape(N_ITEMS, HIDDEN)
     ref = st.SentenceTransformer(tiny_sentence, device="cpu").encode(texts, batch_size=3, convert_to_numpy=True)
     np.testing.assert_allclose(f1, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_text_only_corpus_from_commands(tmp_path, tiny_sentence, capsys):
+    """.text files -> extract_features --encoder sentence -> merge_pretrain -> the pre-training loader."""
+    from data.pretrain import PretrainDataset
+    from tools import merge_pretrain
+
+    down = tmp_path / "down"
+    words = ["glue", "lab glass", "flask", "tape scale", "beaker gorilla", "glass flask tape"]
+    for name, n in (("Beauty", 4), ("Toys", 6)):
+        d = down / name
+        d.mkdir(parents=True)
+        (d / f"{name}.item2index").write_text("".join(f"{i}\t{i}\n" for i in range(n)))
+        (d / f"{name}.text").write_text("item_id:token\ttext:token_seq\n"
+                                        + "".join(f"{i}\t{words[i]} . lab\n" for i in range(n)))
+        (d / f"{name}.train.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\n"
+                                               f"0\t0 1\t2\n0\t0 1 2\t3\n1\t3\t{n - 1}\n")
+        assert extract_features.main(["--data", str(d), "--encoder", "sentence", "--model", tiny_sentence,
+                                      "--device", "cpu"]) == 0
+    assert merge_pretrain.main(["--domains", "Beauty", "Toys", "--data-path", str(down),
+                                "--out", str(tmp_path / "pretrain"), "--name", "BT_text"]) == 0
+    assert f"pre-train with --modal_type=text --plm_size={HIDDEN}" in capsys.readouterr().out
+    config = {"dataset": "BT_text", "data_path": str(tmp_path / "pretrain"), "MAX_ITEM_LIST_LENGTH": 50,
+              "modal_type": "text", "plm_suffix": "feat1CLS", "plm_suffix_aug": "feat2CLS",
+              "img_suffix": "feat3CLS", "plm_size": HIDDEN, "img_size": 512, "interest_ratio": 0.5,
+              "hidden_size": 8}
+    ds = PretrainDataset(config)
+    assert ds.domains == ["Beauty", "Toys"] and ds.modalities == ["text"]
+    assert set(ds.tables) == {"text", "text_aug"} and ds.tables["text"].shape[1] == HIDDEN
+    # a table row is the domain file's row of that item
+    toys = np.fromfile(str(down / "Toys" / "Toys.feat1CLS"), dtype="<f4").reshape(-1, HIDDEN)
+    k = ds.item_tokens.index("1-5")
+    np.testing.assert_allclose(np.asarray(ds.tables["text"][k + 1]), toys[5])

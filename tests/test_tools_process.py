@@ -226,3 +226,91 @@ def test_merge_malformed_and_short_features(tmp_path, capsys):
     with pytest.raises(ToolError, match="2 feature rows but the train file uses item token 7"):
         merge_pretrain.merge(["Home"], str(data), str(tmp_path / "p"), "P", dim=4, quiet=True)
     assert not (tmp_path / "p").exists() or not any(os.scandir(tmp_path / "p" / "P"))
+
+
+def _add_item_files(d, name, n_items):
+    (d / f"{name}.item2index").write_text("".join(f"R{i}\t{i}\n" for i in range(n_items)))
+    (d / f"{name}.text").write_text("item_id:token\ttext:token_seq\n" + "".join(f"{i}\titem {i}\n"
+                                                                                for i in range(n_items)))
+
+
+def test_merge_text_only(tmp_path, capsys):
+    # shaped like BTG_text: feat1CLS + feat2CLS, no feat3CLS; width from the item count
+    data = tmp_path / "down"
+    for name, n, dim in (("Beauty", 4, 6), ("Toys", 3, 6)):
+        _make_domain(data, name, ["0\t0 1\t2", "1\t2\t0"], n_items=n, dim=dim, suffixes=("feat1CLS", "feat2CLS"))
+        _add_item_files(data / name, name, n)
+    out = tmp_path / "pre"
+    rc = merge_pretrain.main(["--domains", "Beauty", "Toys", "--data-path", str(data), "--out", str(out),
+                              "--name", "BT_text"])
+    assert rc == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "modalities: text (feat1CLS, feat2CLS, 6 columns); pre-train with --modal_type=text --plm_size=6" \
+        in stdout
+    d = out / "BT_text"
+    assert sorted(os.listdir(d)) == ["BT_text.pt_datasets", "BT_text.train.inter", "Beauty.feat1CLS",
+                                     "Beauty.feat2CLS", "Beauty.item2index", "Beauty.text", "Toys.feat1CLS",
+                                     "Toys.feat2CLS", "Toys.item2index", "Toys.text"]
+    for name in ("Beauty", "Toys"):
+        for suf in ("feat1CLS", "feat2CLS", "item2index", "text"):
+            assert (d / f"{name}.{suf}").read_bytes() == (data / name / f"{name}.{suf}").read_bytes()
+    assert _read(d / "BT_text.train.inter")[1:] == ["0-0\t0-0 0-1\t0-2", "0-1\t0-2\t0-0",
+                                                     "1-0\t1-0 1-1\t1-2", "1-1\t1-2\t1-0"]
+
+
+def test_merge_image_only_and_both(tmp_path, capsys):
+    data = tmp_path / "down"
+    _make_domain(data, "Food", ["0\t0\t1"], n_items=2, dim=4, suffixes=("feat3CLS",))
+    _add_item_files(data / "Food", "Food", 2)
+    res = merge_pretrain.merge(["Food"], str(data), str(tmp_path / "p"), "F", quiet=True)
+    assert res["modal_type"] == "img" and res["dims"] == {"img": 4}
+    assert sorted(os.listdir(tmp_path / "p" / "F")) == ["F.pt_datasets", "F.train.inter", "Food.feat3CLS",
+                                                       "Food.item2index", "Food.text"]
+    # text and image of different widths (384-d text, 512-d image in real corpora)
+    home = _make_domain(data, "Home", ["0\t0\t1"], n_items=2, dim=3, suffixes=("feat1CLS", "feat2CLS"))
+    np.zeros((2, 5), "<f4").tofile(str(home / "Home.feat3CLS"))
+    _add_item_files(home, "Home", 2)
+    assert merge_pretrain.main(["--domains", "Home", "--data-path", str(data), "--out", str(tmp_path / "p"),
+                                "--name", "H"]) == 0
+    assert ("text (feat1CLS, feat2CLS, 3 columns) and img (feat3CLS, 5 columns); pre-train with "
+            "--modal_type=img_text --plm_size=3 --img_size=5") in capsys.readouterr().out
+
+
+def test_merge_modalities_disagree(tmp_path, capsys):
+    data = tmp_path / "down"
+    _make_domain(data, "Food", ["0\t0\t1"], n_items=2)
+    _make_domain(data, "Home", ["0\t0\t1"], n_items=2, suffixes=("feat1CLS", "feat2CLS"))
+    args = ["--domains", "Food", "Home", "--data-path", str(data), "--out", str(tmp_path / "pre"), "--dim", "4"]
+    assert merge_pretrain.main(args) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert ("domains disagree on modalities: Food text+img, Home text; merge the shared ones with "
+            "--modal-type text") in err
+    assert not (tmp_path / "pre").exists() or not any(os.scandir(tmp_path / "pre" / "FHCKM_mm_full"))
+    # asked for the shared modality: Food's image file is left out
+    assert merge_pretrain.main(args + ["--modal-type", "text"]) == 0
+    assert "modalities: text (" in capsys.readouterr().out
+    assert not [f for f in os.listdir(tmp_path / "pre" / "FHCKM_mm_full") if f.endswith("feat3CLS")]
+    assert merge_pretrain.main(args + ["--modal-type", "img"]) == 2
+    assert "Home.feat3CLS: feature file missing for domain Home (--modal-type img needs feat3CLS" in \
+        _error_line(capsys.readouterr().err)
+    _make_domain(data, "Bare", ["0\t0\t1"], n_items=2, suffixes=())
+    with pytest.raises(ToolError, match="no feature files for domain Bare"):
+        merge_pretrain.merge(["Bare"], str(data), str(tmp_path / "p"), "B", dim=4, quiet=True)
+
+
+def test_merge_widths(tmp_path):
+    data = tmp_path / "down"
+    for name, dim in (("Food", 4), ("Home", 6)):
+        _make_domain(data, name, ["0\t0\t1"], n_items=3, dim=dim, suffixes=("feat1CLS", "feat2CLS"))
+        _add_item_files(data / name, name, 3)
+    with pytest.raises(ToolError, match=r"Home\.feat1CLS: 6 columns, but .*Food\.feat1CLS has 4; every domain's "
+                                        r"text features must have the same width"):
+        merge_pretrain.merge(["Food", "Home"], str(data), str(tmp_path / "p"), "P", quiet=True)
+    os.remove(data / "Food" / "Food.item2index")
+    with pytest.raises(ToolError, match=r"Food\.feat1CLS: cannot tell its width without Food\.item2index .*give --dim"):
+        merge_pretrain.merge(["Food"], str(data), str(tmp_path / "p"), "P", quiet=True)
+    with open(data / "Home" / "Home.item2index", "a") as fp:
+        fp.write("R3\t3\n")  # 4 items, but 3 x 6 floats in the file
+    with pytest.raises(ToolError, match=r"Home\.feat1CLS: size 72 bytes is not 4 rows \(Home\.item2index\)"):
+        merge_pretrain.merge(["Home"], str(data), str(tmp_path / "p"), "P", quiet=True)
+    assert merge_pretrain.merge(["Home"], str(data), str(tmp_path / "p"), "P", dim=6, quiet=True)["rows"] == 1
