@@ -97,12 +97,23 @@ def test_compare_table(files, capsys):
     ours = next(b for b in blocks if "ours.log" in b)
     # script line wins; the original top-K+1 line is preferred over 'test result:'
     assert "run03.sh" in ours and "test result (original top-K+1)" in ours
+    # Scientific_mini is not the paper's Scientific: said plainly, differences left out
+    assert "DIFFERENT DATASETS: this run is on Scientific_mini, the reference row run03.sh on Scientific" in ours
+    r10 = next(line for line in ours.splitlines() if line.strip().startswith("R@10"))
+    assert r10.split() == ["R@10", "0.1369", "0.1269", "n/a", "n/a"]
+    assert "DIFFERENT" not in orig and "+6.1%" in orig
+    assert "NOTE: 1 of 3 runs were compared with a reference row of another dataset (Scientific_mini vs " \
+           "Scientific)" in out
+    pantry = next(b for b in blocks if "pantry.log" in b)
+    assert "run05.sh" in pantry and "no test result" in pantry and "DIFFERENT" not in pantry
+    # asked for: the differences are shown, still flagged
+    assert compare.main(["--logs", str(logs / "sub"), "--reference", str(ref), "--cross-dataset"]) == 0
+    ours = capsys.readouterr().out
+    assert "DIFFERENT DATASETS" in ours and "differences shown because of --cross-dataset" in ours
     r10 = next(line for line in ours.splitlines() if line.strip().startswith("R@10"))
     assert r10.split() == ["R@10", "0.1369", "0.1269", "+0.0100", "+7.9%"]
     n50 = next(line for line in ours.splitlines() if line.strip().startswith("N@50"))
     assert n50.split()[1:4] == ["0.0891", "0.0891", "+0.0000"]
-    pantry = next(b for b in blocks if "pantry.log" in b)
-    assert "run05.sh" in pantry and "no test result" in pantry
 
 
 def test_match_by_prefix_and_pretrained(files):
@@ -147,13 +158,169 @@ def test_plot(files, capsys):
     png = tmp / "curves.png"
     assert compare.main(["--logs", str(logs), "--reference", str(ref), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "plotted 3 validation curves" in capsys.readouterr().out
+    # ours.log (run03.sh) and pantry.log (run05.sh) with the original's run of their row
+    assert "of 3 logs, with 2 of the original's dashed" in capsys.readouterr().out
     assert not [f for f in os.listdir(tmp) if f.endswith(".tmp")]
 
 
 def test_plot_without_matplotlib(files, capsys, monkeypatch):
     tmp, ref, logs = files
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    assert compare.main(["--logs", str(logs), "--reference", str(ref), "--plot", str(tmp / "p.png")]) == 2
+    assert compare.main(["--logs", str(logs), "--reference", str(ref), "--plot", str(tmp / "p.png"),
+                         "--original", ""]) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not (tmp / "p.png").exists()
+
+
+# ------------------------------------------------------------- the original's own logs
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORIGINAL = os.path.join(REPO, "reference_log", "original")
+REFERENCE = os.path.join(REPO, "reference_log", "reference_metrics.csv")
+# epochs run by each of the original's 20 logs (early stopping 11 epochs after the best)
+ORIGINAL_EPOCHS = {
+    "Arts/ID0/PT0": 118, "Arts/ID0/PT1": 125, "Arts/ID1/PT0": 46, "Arts/ID1/PT1": 177,
+    "Instruments/ID0/PT0": 82, "Instruments/ID0/PT1": 99, "Instruments/ID1/PT0": 42, "Instruments/ID1/PT1": 76,
+    "Office/ID0/PT0": 137, "Office/ID0/PT1": 101, "Office/ID1/PT0": 69, "Office/ID1/PT1": 167,
+    "Pantry/ID0/PT0": 31, "Pantry/ID0/PT1": 61, "Pantry/ID1/PT0": 35, "Pantry/ID1/PT1": 43,
+    "Scientific/ID0/PT0": 40, "Scientific/ID0/PT1": 91, "Scientific/ID1/PT0": 61, "Scientific/ID1/PT1": 87,
+}
+
+
+def test_parse_all_original_logs():
+    rows = compare.load_reference(REFERENCE)
+    paths = compare.collect_logs([ORIGINAL])
+    assert len(paths) == 20
+    scripts = set()
+    for path in paths:
+        key = os.path.relpath(os.path.dirname(path), os.path.join(ORIGINAL, "full"))
+        folder, id_dir, pt_dir = key.split(os.sep)
+        run = compare.parse_log(path)
+        # the run's identity from its content agrees with the folder it is filed under
+        assert run.original and run.dataset == f"{folder}_mm_full", path
+        assert run.with_id == int(id_dir[2:]) and run.pretrained == int(pt_dir[2:]), path
+        assert run.config["modal_type"] == "img_text" and run.topk_plus_one is True
+        # every epoch: a training line (time, loss), an evaluating line and its valid result
+        n = ORIGINAL_EPOCHS[key]
+        assert [e for e, _, _ in run.train_curve] == list(range(n)), path
+        assert [e for e, _ in run.valid_curve] == list(range(n)), path
+        assert sorted(run.valid_results) == list(range(n)), path
+        assert all(t > 0 and loss > 0 for _, t, loss in run.train_curve)
+        for epoch, score in run.valid_curve:
+            metrics = run.valid_results[epoch]
+            assert sorted(metrics) == ["hit@10", "hit@50", "ndcg@10", "ndcg@50"]
+            assert round(metrics["ndcg@10"], 4) == round(score, 4)  # valid_score = NDCG@10
+        # the final lines: best epoch, its valid result, the test result = the paper's row
+        assert run.best_epoch == n - 12 and run.results["valid"] == run.valid_results[run.best_epoch]
+        row = compare.match_reference(run, rows)
+        metrics, source = run.test_metrics
+        assert source == "test result"
+        assert compare.ours_metrics(metrics) == {k: row[k] for k in compare.METRICS}, path
+        scripts.add(row["script"])
+    assert len(scripts) == 20  # one log per reference row
+    sci = compare.parse_log(compare.collect_logs([os.path.join(ORIGINAL, "full", "Scientific", "ID1", "PT0")])[0])
+    assert sci.train_curve[0] == (0, 6.32, 513.0105)
+    assert sci.valid_curve[0] == (0, 0.0534) and sci.valid_results[0]["hit@10"] == 0.1054
+
+
+OUR_RUN01 = f"""{TS}
+dataset = Scientific_mini
+train_stage = transductive_ft
+pretrained_file = 
+script = run01.sh
+modal_type = text
+eval_topk_plus_one = False
+note = run01-text
+{TS}epoch 0 training [time: 7.91s, train loss: 148.3623]
+{TS}epoch 0 evaluating [time: 0.73s, valid_score: 0.071700]
+{TS}valid result: 
+hit@10 : 0.1352    hit@50 : 0.3135    ndcg@10 : 0.0717    ndcg@50 : 0.1102
+{TS}epoch 1 training [time: 7.75s, train loss: 138.3870]
+{TS}epoch 1 evaluating [time: 1.00s, valid_score: 0.077700]
+{TS}valid result: 
+hit@10 : 0.1500    hit@50 : 0.3200    ndcg@10 : 0.0777    ndcg@50 : 0.1150
+{TS}Finished training, best eval result in epoch 1
+{TS}test result (original top-K+1): OrderedDict([('hit@10', 0.1636), ('hit@50', 0.3323), ('ndcg@10', 0.0849), ('ndcg@50', 0.1208)])
+"""
+
+OUR_PANTRY = f"""{TS}
+dataset = Pantry_mm_full
+train_stage = inductive_ft
+pretrained_file = saved/MISSRec-FHCKM_mm_full-100.pth
+modal_type = img_text
+eval_topk_plus_one = True
+{TS}epoch 0 training [time: 3.00s, train loss: 1390.5]
+{TS}epoch 0 evaluating [time: 0.50s, valid_score: 0.030000]
+{TS}valid result: 
+hit@10 : 0.05    hit@50 : 0.1    ndcg@10 : 0.03    ndcg@50 : 0.04
+"""
+
+
+def _block(out, name):
+    return next(b for b in out.split("\n\n") if b.startswith("==") and name in b.splitlines()[0])
+
+
+def test_curves_beside_the_original(tmp_path, capsys):
+    (tmp_path / "ours.log").write_text(OUR_RUN01)
+    (tmp_path / "pantry.log").write_text(OUR_PANTRY)
+    assert compare.main(["--logs", str(tmp_path), "--reference", REFERENCE, "--original", ORIGINAL]) == 0
+    out = capsys.readouterr().out
+    ours = _block(out, "ours.log")
+    # matched by its script line to the original's run01.sh log, and every difference said
+    assert "beside the original's run01.sh:" in ours and "Scientific/ID1/PT0/Oct-20-2023_03-18-42.log" in ours
+    assert "DIFFERENT DATASETS: Scientific_mini vs the original's Scientific_mm_full" in ours
+    assert "DIFFERENT MODALITIES: this run uses modal_type text, the original img_text" in ours
+    assert "valid N@10 conventions differ: ours exact top-K, the original top-K+1" in ours
+    rows = {line.split()[0]: line.split() for line in ours.splitlines() if line.strip()[:1].isdigit()}
+    assert rows["0"] == ["0", "148.3623", "513.0105", "0.0717", "0.0534"]
+    assert rows["1"][1] == "138.3870*" and rows["1"][3] == "0.0777*"  # our best epoch
+    assert rows["49"] == ["49", "-", "390.0385*", "-", "0.0735*"]    # the original's best epoch
+    assert len(rows) == 61
+    assert "training time per epoch: ours 7.83 s" in ours
+    # no script line: matched by dataset, mode and pre-training (Pantry, inductive, pre-trained = run08.sh)
+    pantry = _block(out, "pantry.log")
+    assert "beside the original's run08.sh:" in pantry and "Pantry/ID0/PT1/" in pantry
+    assert "DIFFERENT" not in pantry and "conventions differ" not in pantry
+    assert "NOTE: 1 of 2 runs were compared with a reference row of another dataset" in out
+    # --no-curves: the tables alone
+    assert compare.main(["--logs", str(tmp_path), "--reference", REFERENCE, "--no-curves"]) == 0
+    assert "beside the original" not in capsys.readouterr().out
+
+
+def test_original_folder_is_the_reference_not_a_run(tmp_path, capsys):
+    logs = tmp_path / "reference_log"
+    orig = logs / "original" / "full" / "Scientific" / "ID1" / "PT0"
+    orig.mkdir(parents=True)
+    src = compare.collect_logs([os.path.join(ORIGINAL, "full", "Scientific", "ID1", "PT0")])[0]
+    (orig / "run.log").write_bytes(open(src, "rb").read())
+    (logs / "ours.log").write_text(OUR_RUN01)
+    args = ["--reference", REFERENCE, "--original", str(logs / "original")]
+    assert compare.main(["--logs", str(logs)] + args) == 0
+    out = capsys.readouterr().out
+    assert [b.splitlines()[0] for b in out.split("\n\n") if b.startswith("==")] == [f"== {logs / 'ours.log'}"]
+    assert "(1 logs of the original code under" in out and "beside the original's run01.sh" in out
+    # named directly, the original's logs are listed (against the paper's rows: same dataset, no note)
+    assert compare.main(["--logs", str(logs / "original")] + args) == 0
+    out = capsys.readouterr().out
+    assert "original code -> run01.sh" in out and "+0.0%" in out and "DIFFERENT" not in out
+    assert "beside the original" not in out
+    assert compare.main(["--logs", str(logs)] + args[:2] + ["--original", str(tmp_path / "nope")]) == 2
+    assert "nope: folder of the original's logs not found" in capsys.readouterr().err
+
+
+def test_plot_with_originals(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "ours.log").write_text(OUR_RUN01)
+    (tmp_path / "pantry.log").write_text(OUR_PANTRY)
+    png = tmp_path / "curves.png"
+    assert compare.main(["--logs", str(tmp_path), "--reference", REFERENCE, "--original", ORIGINAL,
+                         "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "of 2 logs, with 2 of the original's dashed" in capsys.readouterr().out
+
+
+def test_malformed_valid_result(tmp_path, capsys):
+    bad = tmp_path / "bad.log"
+    bad.write_text(f"{TS}\ndataset = Scientific\n{TS}epoch 0 evaluating [time: 1.0s, valid_score: 0.05]\n"
+                   f"{TS}valid result: \n{TS}something else\n")
+    assert compare.main(["--logs", str(bad), "--reference", REFERENCE, "--original", ""]) == 2
+    assert "bad.log:5: expected 'metric : value' pairs after 'valid result:'" in capsys.readouterr().err

@@ -1,21 +1,35 @@
-"""Compare training logs (ours or the original's) with the reference metrics.
+"""Compare training logs (ours or the original's) with the reference metrics and the original's curves.
 
 Example:
-    python tools/compare.py --logs log/ --reference reference_log/reference_metrics.csv --plot valid_ndcg.png
+    python tools/compare.py --logs log/ reference_log/ --plot curves.png
 
 A log (files given directly, or every ``*.log`` under a given folder) identifies
-its run by the config lines ``dataset = X``, ``train_stage = ...``, optionally
-``script = runNN.sh`` and ``pretrained_file = ...``. With a ``script`` line the
-reference row of that script is used; otherwise the row whose dataset is a prefix
-of the log's dataset (``Scientific_mm_full`` -> ``Scientific``), with
-``with_id`` = 1 for transductive_ft / 0 for inductive_ft and ``pretrained`` = 1
-when ``pretrained_file`` is non-empty. Metrics come from the last
+its run by the config lines ``dataset = X`` (the original's logs: the last part of
+``data_path``), ``train_stage = ...``, optionally ``script = runNN.sh`` and
+``pretrained_file = ...`` (the original's: a ``Loading from X`` line). With a
+``script`` line the reference row of that script is used; otherwise the row whose
+dataset is a prefix of the log's dataset (``Scientific_mm_full`` -> ``Scientific``),
+with ``with_id`` = 1 for transductive_ft / 0 for inductive_ft and ``pretrained`` = 1
+when a pretrained file is named. Metrics come from the last
 ``test result (original top-K+1): OrderedDict([...])`` line when present (our
 logs print the original's metric convention there), else from the last
 ``test result: OrderedDict([...])``. R@K = hit@K, N@K = ndcg@K.
+
 For every run one table is printed: ours, reference, difference and relative
-difference per metric. ``--plot out.png`` draws the per-epoch ``valid_score``
-(validation NDCG@10) curves of all logs in one PNG (needs matplotlib).
+difference per metric. The reference rows are the paper's, on its full datasets
+(``Scientific`` = the original's ``Scientific_mm_full``): a run on other data (e.g.
+``Scientific_mini``) is matched by script and mode, but the table says plainly that
+the datasets differ and leaves the differences out unless ``--cross-dataset``.
+
+The original code's own logs (``--original``, default ``reference_log/original/``
+of this repository: one per reference row) give per-epoch curves: each of our runs
+is shown beside the original's run of the same reference row (same script, or same
+dataset / transductive-inductive / pre-trained), epoch by epoch (training loss,
+validation NDCG@10, ``*`` = the best epoch), with a note where the datasets,
+modalities or metric conventions differ. Logs under that folder are read as the
+reference, not listed, unless ``--logs`` names that folder (or one inside it).
+``--plot out.png`` draws training loss and validation NDCG@10 per epoch of all
+listed logs, each matched original dashed in the same colour (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -36,13 +50,23 @@ from tqdm import tqdm
 
 from tools._io import ToolError, atomic_open, run_main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORIGINAL_DIR = os.path.join(REPO, "reference_log", "original")
 METRICS = ("R@10", "N@10", "R@50", "N@50")
 REF_COLUMNS = ["script", "dataset", "with_id", "pretrained"] + list(METRICS)
 _PREFIX_RE = re.compile(
     r"^(?:[A-Z][a-z]{2} )?\d{1,2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2}\s+[A-Z]+\s+"  # Fri 20 Oct 2023 03:18:55 INFO
     r"|^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?\s+[A-Z]+\s+")              # 2023-10-20 03:18:55,123 INFO
 _CONFIG_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(.*?)\s*$")
-_EPOCH_RE = re.compile(r"epoch (\d+) evaluating \[.*?valid_score: ([-+0-9.eE]+|nan|inf)\]")
+_NUM = r"([-+0-9.eE]+|nan|inf)"
+_EPOCH_RE = re.compile(r"epoch (\d+) evaluating \[.*?valid_score: " + _NUM + r"\]")
+_TRAIN_RE = re.compile(r"epoch (\d+) training \[time: " + _NUM + r"s, train loss: " + _NUM + r"\]")
+_VALID_RE = re.compile(r"^valid result:\s*(.*)$")           # the metrics follow on the next line
+_VALUES_RE = re.compile(r"([A-Za-z]+@\d+)\s*:\s*" + _NUM)  # hit@10 : 0.1054    ndcg@10 : 0.0534
+_BEST_RE = re.compile(r"best eval result in epoch (\d+)")
+_LOADING_RE = re.compile(r"^Loading from (\S+)")            # the original's fine-tuning from a checkpoint
+_CONFIG_KEYS = ("dataset", "data_path", "train_stage", "script", "pretrained_file", "seed", "modal_type",
+                "eval_topk_plus_one", "note")
 _RESULT_RE = re.compile(
     r"^(best valid|test result)\s*(\(original top-K\+1\))?\s*:\s*(.*)$")
 _PAIR_RE = re.compile(r"\(\s*['\"]([^'\"]+)['\"]\s*,\s*(?:[A-Za-z_][\w.]*\()?\s*([-+0-9.eE]+|nan|inf)\s*\)?\s*\)")
@@ -57,12 +81,39 @@ class FormatError(ToolError):
 class LogRun:
     path: str
     config: Dict[str, str] = field(default_factory=dict)
-    valid_curve: List[Tuple[int, float]] = field(default_factory=list)
+    valid_curve: List[Tuple[int, float]] = field(default_factory=list)          # (epoch, valid_score)
+    train_curve: List[Tuple[int, float, float]] = field(default_factory=list)   # (epoch, seconds, train loss)
+    valid_results: Dict[int, Dict[str, float]] = field(default_factory=dict)   # epoch -> 'valid result' metrics
     results: Dict[str, Dict[str, float]] = field(default_factory=dict)  # 'test', 'test_orig', 'valid', 'valid_orig'
+    best_epoch: Optional[int] = None
+    original: bool = False  # written by the original code (its RecBole config dump)
 
     @property
     def dataset(self) -> str:
-        return self.config.get("dataset", "")
+        if self.config.get("dataset"):
+            return self.config["dataset"]
+        # the original logs no dataset line; its data_path ends in the dataset folder
+        return os.path.basename(os.path.normpath(self.config.get("data_path", "").strip("'\""))) \
+            if self.config.get("data_path") else ""
+
+    @property
+    def topk_plus_one(self) -> Optional[bool]:
+        """Whether the per-epoch validation metrics are in the original's top-K+1 convention."""
+        if self.original:
+            return True
+        return {"true": True, "false": False}.get(self.config.get("eval_topk_plus_one", "").lower())
+
+    @property
+    def label(self) -> str:
+        note = self.config.get("note", "").strip("'\"")
+        return note or os.path.basename(self.path)
+
+    def valid_ndcg10(self) -> List[Tuple[int, float]]:
+        """(epoch, validation NDCG@10): the 'valid result' line, else the valid_score."""
+        out = []
+        for epoch, score in self.valid_curve:
+            out.append((epoch, self.valid_results.get(epoch, {}).get("ndcg@10", score)))
+        return out
 
     @property
     def stage(self) -> str:
@@ -118,13 +169,45 @@ def parse_log(path: str) -> LogRun:
             lines = fp.read().splitlines()
     except OSError as e:
         raise ToolError(f"{path}: cannot read ({e.strerror})") from None
+    valid_pending = None  # (line number, epoch) of a 'valid result:' whose metrics are on the next line
     for lineno, raw in enumerate(lines, 1):
         msg = _PREFIX_RE.sub("", raw, count=1).strip()
         if not msg:
             continue
+        if valid_pending is not None:
+            values = _VALUES_RE.findall(msg)
+            if not values:
+                raise FormatError(path, lineno, "expected 'metric : value' pairs after 'valid result:'")
+            run.valid_results[valid_pending[1]] = {k.lower(): float(v) for k, v in values}
+            valid_pending = None
+            continue
+        if msg == "General Hyper Parameters:":
+            run.original = True
+            continue
+        m = _TRAIN_RE.search(msg)
+        if m:
+            run.train_curve.append((int(m.group(1)), float(m.group(2)), float(m.group(3))))
+            continue
         m = _EPOCH_RE.search(msg)
         if m:
             run.valid_curve.append((int(m.group(1)), float(m.group(2))))
+            continue
+        m = _VALID_RE.match(msg)
+        if m:
+            epoch = run.valid_curve[-1][0] if run.valid_curve else -1
+            values = _VALUES_RE.findall(m.group(1))
+            if values:
+                run.valid_results[epoch] = {k.lower(): float(v) for k, v in values}
+            else:
+                valid_pending = (lineno, epoch)
+            continue
+        m = _BEST_RE.search(msg)
+        if m:
+            run.best_epoch = int(m.group(1))
+            continue
+        m = _LOADING_RE.match(msg)
+        if m:
+            run.config.setdefault("pretrained_file", m.group(1))
             continue
         m = _RESULT_RE.match(msg)
         if m:
@@ -138,9 +221,11 @@ def parse_log(path: str) -> LogRun:
             run.results[kind] = metrics
             continue
         m = _CONFIG_RE.match(msg)
-        if m and m.group(1) in ("dataset", "train_stage", "script", "pretrained_file", "seed"):
+        if m and m.group(1) in _CONFIG_KEYS:
             # keep the first occurrence of each key (the hyper-parameter block at the top)
             run.config.setdefault(m.group(1), m.group(2))
+    if valid_pending is not None:
+        raise FormatError(path, valid_pending[0], "expected 'metric : value' pairs after 'valid result:'")
     return run
 
 
@@ -184,6 +269,15 @@ def match_reference(run: LogRun, reference: List[Dict[str, object]]) -> Optional
     return candidates[0] if candidates else None
 
 
+def base_dataset(name: str) -> str:
+    """The paper's name of a dataset: the original's folders are ``{X}_mm_full``."""
+    return name[:-len("_mm_full")] if name.endswith("_mm_full") else name
+
+
+def same_dataset(a: str, b: str) -> bool:
+    return bool(a) and base_dataset(a) == base_dataset(b)
+
+
 def ours_metrics(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
     out: Dict[str, Optional[float]] = {}
     for name in METRICS:
@@ -197,34 +291,121 @@ def _fmt(v: Optional[float], spec: str = "{:.4f}") -> str:
     return "-" if v is None else spec.format(v)
 
 
-def format_run(run: LogRun, ref: Optional[Dict[str, object]]) -> str:
+def differences(run: LogRun, ref: Optional[Dict[str, object]], orig: Optional[LogRun]) -> List[str]:
+    """Plain notes on what differs between a run and what it is compared with."""
+    notes = []
+    if ref and not same_dataset(run.dataset, str(ref["dataset"])):
+        notes.append(f"DIFFERENT DATASETS: this run is on {run.dataset or '?'}, the reference row "
+                     f"{ref['script']} on {ref['dataset']} (the paper's full data): not a reproduction")
+    if orig is not None:
+        mine, theirs = run.config.get("modal_type"), orig.config.get("modal_type")
+        if mine and theirs and mine != theirs:
+            notes.append(f"DIFFERENT MODALITIES: this run uses modal_type {mine}, the original {theirs}")
+    return notes
+
+
+def format_run(run: LogRun, ref: Optional[Dict[str, object]], orig: Optional[LogRun] = None,
+               cross_dataset: bool = False) -> str:
     metrics, source = run.test_metrics
     ident = (f"dataset {run.dataset or '?'}, {run.stage or '?'}, pretrained {run.pretrained}"
-             + (f", script {run.script}" if run.script else ""))
+             + (f", script {run.script}" if run.script else "") + (", original code" if run.original else ""))
     refdesc = (f"{ref['script']} ({ref['dataset']}, with_id {ref['with_id']}, pretrained {ref['pretrained']})"
                if ref else "no reference row")
     lines = [f"== {run.path}", f"   {ident} -> {refdesc}"]
+    mismatch = bool(ref) and not same_dataset(run.dataset, str(ref["dataset"]))
+    for note in differences(run, ref, orig):
+        lines.append(f"   {note}")
+    if mismatch:
+        lines.append("   differences shown because of --cross-dataset" if cross_dataset
+                     else "   differences not shown (--cross-dataset shows them)")
     if metrics is None:
         lines.append("   (no test result in this log)")
         return "\n".join(lines)
-    lines.append(f"   ours from '{source}'" + (f", {len(run.valid_curve)} evaluated epochs" if run.valid_curve else ""))
+    who = "log" if run.original else "ours"
+    lines.append(f"   {who} from '{source}'" + (f", {len(run.valid_curve)} evaluated epochs" if run.valid_curve else ""))
     ours = ours_metrics(metrics)
-    lines.append(f"   {'metric':<7}{'ours':>9}{'reference':>11}{'diff':>10}{'rel diff':>10}")
+    show_diff = not mismatch or cross_dataset
+    lines.append(f"   {'metric':<7}{who:>9}{'reference':>11}{'diff':>10}{'rel diff':>10}")
     for name in METRICS:
         o = ours[name]
         r = float(ref[name]) if ref else None
         diff = o - r if o is not None and r is not None else None
         rel = diff / r * 100 if diff is not None and r else None
-        lines.append(f"   {name:<7}{_fmt(o):>9}{_fmt(r):>11}{_fmt(diff, '{:+.4f}'):>10}{_fmt(rel, '{:+.1f}%'):>10}")
+        if show_diff:
+            tail = f"{_fmt(diff, '{:+.4f}'):>10}{_fmt(rel, '{:+.1f}%'):>10}"
+        else:
+            tail = f"{'n/a':>10}{'n/a':>10}"
+        lines.append(f"   {name:<7}{_fmt(o):>9}{_fmt(r):>11}{tail}")
     return "\n".join(lines)
 
 
-def collect_logs(specs: List[str]) -> List[str]:
+def _convention(run: LogRun) -> str:
+    return {True: "top-K+1", False: "exact top-K", None: "convention not logged"}[run.topk_plus_one]
+
+
+def format_curves(run: LogRun, orig: LogRun, script: str) -> str:
+    """Training loss and validation NDCG@10 per epoch, ours beside the original's run."""
+    lines = [f"   per epoch, beside the original's {script}: {_short(orig.path)} ({orig.dataset or '?'})"]
+    if not same_dataset(run.dataset, orig.dataset):
+        lines.append(f"   DIFFERENT DATASETS: {run.dataset or '?'} vs the original's {orig.dataset or '?'}: "
+                     f"compare the shapes, not the values")
+    if run.topk_plus_one is not True:
+        lines.append(f"   valid N@10 conventions differ: ours {_convention(run)}, the original top-K+1 "
+                     f"(its @10 counts ranks 1..11)")
+    losses = [{e: loss for e, _, loss in r.train_curve} for r in (run, orig)]
+    valids = [dict(r.valid_ndcg10()) for r in (run, orig)]
+    epochs = sorted(set().union(*losses, *valids))
+    if not epochs:
+        lines.append("   (no epoch lines in either log)")
+        return "\n".join(lines)
+
+    def cell(table, r, e, spec):
+        if e not in table:
+            return "-" + " "
+        return spec.format(table[e]) + ("*" if e == r.best_epoch else " ")
+
+    lines.append(f"   {'epoch':>5}{'loss ours':>13}{'original':>13}{'valid N@10 ours':>17}{'original':>10}")
+    for e in epochs:
+        lines.append(f"   {e:>5}" + "".join(f"{cell(losses[i], r, e, '{:.4f}'):>13}" for i, r in enumerate((run, orig)))
+                     + f"{cell(valids[0], run, e, '{:.4f}'):>17}{cell(valids[1], orig, e, '{:.4f}'):>10}")
+    times = [sum(t for _, t, _ in r.train_curve) / len(r.train_curve) if r.train_curve else None for r in (run, orig)]
+    lines.append(f"   * = best epoch; training time per epoch: ours {_fmt(times[0], '{:.2f} s')}, "
+                 f"original {_fmt(times[1], '{:.2f} s')} (machines differ)")
+    return "\n".join(lines)
+
+
+def load_originals(folder: str, reference: List[Dict[str, object]]) -> Dict[str, LogRun]:
+    """The original code's logs under ``folder``, by the script of their reference row."""
+    by_script: Dict[str, LogRun] = {}
+    for path in collect_logs([folder]):
+        run = parse_log(path)
+        ref = match_reference(run, reference)
+        if ref is not None:
+            by_script.setdefault(str(ref["script"]), run)
+    return by_script
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the working folder when it lies below it (this repository's logs)."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def collect_logs(specs: List[str], skip: Optional[str] = None) -> List[str]:
+    """Log files named or found under the given folders; a folder walk leaves out ``skip``
+    (the original's logs) unless the folder given lies inside it."""
     paths: List[str] = []
     for spec in specs:
         if os.path.isdir(spec):
             found = []
-            for root, _, files in os.walk(spec):
+            for root, dirs, files in os.walk(spec):
+                if skip and not _inside(spec, skip):
+                    dirs[:] = [d for d in dirs if not _inside(os.path.join(root, d), skip)]
                 found += [os.path.join(root, f) for f in files if f.endswith(".log")]
             paths += sorted(found)
         elif os.path.isfile(spec):
@@ -236,50 +417,91 @@ def collect_logs(specs: List[str]) -> List[str]:
     return paths
 
 
-def plot_curves(runs: List[LogRun], out: str) -> int:
+def plot_curves(pairs: List[Tuple[LogRun, Optional[LogRun]]], out: str) -> Tuple[int, int]:
+    """Training loss and validation NDCG@10 per epoch; each run's matched original dashed
+    in its colour. Returns (runs drawn, originals drawn)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ToolError("--plot needs matplotlib (pip install matplotlib, see requirements-tools.txt)") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = 0
-    for run in runs:
-        if not run.valid_curve:
+    fig, (ax_loss, ax_valid) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    drawn, originals_drawn = 0, set()
+
+    def draw(run, label, color, style):
+        if run.train_curve:
+            ax_loss.plot([e for e, _, _ in run.train_curve], [v for _, _, v in run.train_curve], style,
+                         color=color, label=label, linewidth=1.2)
+        valid = run.valid_ndcg10()
+        if valid:
+            ax_valid.plot(*zip(*valid), style, color=color, label=label, linewidth=1.2)
+
+    for k, (run, orig) in enumerate(pairs):
+        if not run.valid_curve and not run.train_curve:
             continue
-        xs, ys = zip(*run.valid_curve)
-        label = f"{os.path.basename(run.path)} ({run.dataset}, {run.stage}{', pt' if run.pretrained else ''})"
-        ax.plot(xs, ys, label=label, linewidth=1.2)
+        color = colors[k % len(colors)]
+        draw(run, f"{run.label} ({run.dataset}, {run.stage}{', pt' if run.pretrained else ''})", color, "-")
         drawn += 1
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation NDCG@10 (valid_score)")
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=7)
+        if orig is not None and orig.path not in originals_drawn:
+            draw(orig, f"original {run.script or ''} ({orig.dataset}, {orig.stage}"
+                       f"{', pt' if orig.pretrained else ''})".replace("  ", " "), color, "--")
+            originals_drawn.add(orig.path)
+    ax_loss.set_ylabel("training loss")
+    ax_valid.set_ylabel("validation NDCG@10")
+    for ax in (ax_loss, ax_valid):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
     with atomic_open(out, "wb") as fp:
         fig.savefig(fp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return drawn
+    return drawn, len(originals_drawn)
 
 
-def compare(logs: List[str], reference: str, plot: Optional[str] = None) -> List[Tuple[LogRun, Optional[dict]]]:
+def compare(logs: List[str], reference: str, plot: Optional[str] = None, original: Optional[str] = None,
+            cross_dataset: bool = False, curves: bool = True) -> List[Tuple[LogRun, Optional[dict]]]:
+    """Print one table per run (and its curves beside the original's); ``original`` None =
+    this repository's reference_log/original when it exists, '' = none."""
     ref_rows = load_reference(reference)
-    paths = collect_logs(logs)
+    if original is None:
+        original = ORIGINAL_DIR if os.path.isdir(ORIGINAL_DIR) else ""
+    elif original and not os.path.isdir(original):
+        raise ToolError(f"{original}: folder of the original's logs not found")
+    originals = load_originals(original, ref_rows) if original else {}
+    paths = collect_logs(logs, skip=original or None)
     runs = [parse_log(p) for p in tqdm(paths, desc="read logs", disable=len(paths) < 20)]
-    out = []
+    out, pairs, mismatched = [], [], []
     for run in runs:
         if not run.results and not run.valid_curve and not run.config:
             continue  # not a training log
         ref = match_reference(run, ref_rows)
+        orig = originals.get(str(ref["script"])) if ref and not run.original else None
+        if orig is not None and os.path.realpath(orig.path) == os.path.realpath(run.path):
+            orig = None
         out.append((run, ref))
-        print(format_run(run, ref))
+        pairs.append((run, orig))
+        if ref and not same_dataset(run.dataset, str(ref["dataset"])):
+            mismatched.append(f"{run.dataset or '?'} vs {ref['dataset']}")
+        print(format_run(run, ref, orig, cross_dataset))
+        if orig is not None and curves:
+            print(format_curves(run, orig, str(ref["script"])))
         print()
     if not out:
         raise ToolError("none of the given files is a training log")
+    skipped = len(collect_logs([original])) if original and any(
+        os.path.isdir(spec) and not _inside(spec, original) and _inside(original, spec) for spec in logs) else 0
+    if skipped:
+        print(f"({skipped} logs of the original code under {_short(original)} served as the reference curves; "
+              f"--logs {_short(original)} lists them)")
+    if mismatched:
+        print(f"NOTE: {len(mismatched)} of {len(out)} runs were compared with a reference row of another dataset "
+              f"({', '.join(sorted(set(mismatched)))}): those numbers are not a reproduction of the paper")
     if plot:
-        n = plot_curves([r for r, _ in out], plot)
-        print(f"plotted {n} validation curves -> {plot}")
+        n, m = plot_curves(pairs, plot)
+        print(f"plotted training loss and validation NDCG@10 of {n} logs, with {m} of the original's dashed -> {plot}")
     return out
 
 
@@ -287,15 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--logs", nargs="+", required=True, help="log files or folders (searched for *.log)")
-    p.add_argument("--reference", default="reference_log/reference_metrics.csv", help="reference metrics CSV")
-    p.add_argument("--plot", default=None, help="write the validation NDCG@10 curves to this PNG")
+    p.add_argument("--reference", default=os.path.join(REPO, "reference_log", "reference_metrics.csv"),
+                   help="reference metrics CSV (default: this repository's reference_log/reference_metrics.csv)")
+    p.add_argument("--original", default=None,
+                   help="folder of the original code's logs for the per-epoch curves (default: this "
+                        "repository's reference_log/original; '' for none)")
+    p.add_argument("--cross-dataset", action="store_true",
+                   help="show differences to a reference row of another dataset (always flagged)")
+    p.add_argument("--no-curves", action="store_true", help="leave out the per-epoch tables")
+    p.add_argument("--plot", default=None, help="write training loss and validation NDCG@10 per epoch to this PNG")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     def _run(a):
         args = build_parser().parse_args(a)
-        compare(args.logs, args.reference, args.plot)
+        compare(args.logs, args.reference, args.plot, args.original, args.cross_dataset, not args.no_curves)
         return 0
     return run_main(_run, argv)
 
