@@ -93,8 +93,8 @@ class LogRun:
         if self.config.get("dataset"):
             return self.config["dataset"]
         # the original logs no dataset line; its data_path ends in the dataset folder
-        return os.path.basename(os.path.normpath(self.config.get("data_path", "").strip("'\""))) \
-            if self.config.get("data_path") else ""
+        data_path = self.config.get("data_path", "").strip("'\"")
+        return os.path.basename(os.path.normpath(data_path)) if data_path else ""
 
     @property
     def topk_plus_one(self) -> Optional[bool]:
@@ -110,10 +110,7 @@ class LogRun:
 
     def valid_ndcg10(self) -> List[Tuple[int, float]]:
         """(epoch, validation NDCG@10): the 'valid result' line, else the valid_score."""
-        out = []
-        for epoch, score in self.valid_curve:
-            out.append((epoch, self.valid_results.get(epoch, {}).get("ndcg@10", score)))
-        return out
+        return [(epoch, self.valid_results.get(epoch, {}).get("ndcg@10", score)) for epoch, score in self.valid_curve]
 
     @property
     def stage(self) -> str:
