@@ -210,7 +210,7 @@ def test_merge_missing_feature_file(tmp_path, capsys):
                               "--out", str(tmp_path / "pre"), "--dim", "4"])
     assert rc == 2
     err = _error_line(capsys.readouterr().err)
-    assert "Home.feat2CLS" in err and "missing" in err
+    assert "Home.feat2CLS" in err and "missing" in err and "leave text out with --modal-type img" in err
     assert not (tmp_path / "pre").exists() or not any(os.scandir(tmp_path / "pre" / "FHCKM_mm_full"))
 
 

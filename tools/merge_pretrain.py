@@ -106,8 +106,9 @@ def domain_modalities(folder: str, dname: str, wanted: Optional[Tuple[str, ...]]
             have.append(modality)
         elif any(present) and (wanted is None or modality in wanted):
             missing = os.path.join(folder, f"{dname}.{suffixes[present.index(False)]}")
+            other = "" if wanted is not None else ", or leave text out with --modal-type img"
             raise ToolError(f"{missing}: feature file missing for domain {dname} ({modality} needs "
-                            f"{' and '.join(suffixes)}; run tools/extract_features.py first)")
+                            f"{' and '.join(suffixes)}; run tools/extract_features.py first{other})")
     return have
 
 
