@@ -25,9 +25,10 @@ in ``--data`` (``--name`` defaults to the folder's name) and writes:
 with ``--plm_suffix=feat1MiniLM``). Each file: raw little-endian float32, the
 encoder's width in columns (CLIP ``projection_dim``, sentence encoder ``hidden_size``),
 no header. An item without text or without a readable image gets a zero row
-(= modality missing) and is counted in the summary. Rows are written in order to ``{file}.partial`` with a
-``{file}.partial.json`` progress sidecar; a rerun with the same settings continues
-after the last complete batch, and the file gets its final name only when complete.
+(= modality missing) and is counted in the summary. Rows are written in order to
+``{file}.partial`` with a ``{file}.partial.json`` progress sidecar; a rerun with the
+same settings continues after the last complete batch, and the file gets its final
+name only when complete.
 """
 
 from __future__ import annotations
@@ -222,12 +223,15 @@ class SentenceEncoder:
         limit = int(getattr(self.model.config, "max_position_embeddings", 512))
         limit = min(limit, int(getattr(self.tokenizer, "model_max_length", limit) or limit))
         # sentence-transformers truncates at its own max_seq_length (256 for all-MiniLM-L6-v2)
-        st_len = (_st_json(model, "sentence_bert_config.json") or {}).get("max_seq_length")
+        # and lower-cases first when its config says so
+        st_config = _st_json(model, "sentence_bert_config.json") or {}
+        st_len = st_config.get("max_seq_length")
         self.max_len = min(limit, int(st_len)) if st_len else limit
+        self.lower = bool(st_config.get("do_lower_case", False))
 
     def text_features(self, texts: Sequence[str]) -> np.ndarray:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
+        texts = [t.lower() for t in texts] if self.lower else list(texts)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()
                if k in ("input_ids", "attention_mask", "token_type_ids")}
         with self.torch.no_grad():
