@@ -195,10 +195,11 @@ class MISSRec(SeqTransformer):
         position = active.reshape(-1).long().cumsum(0) - 1               # packed index of each slot
         width = active.shape[1]
         # The encoder's inputs are rows of the interest table, so the first layer's
-        # in-projection is computed once per table row and gathered (exact).
+        # in-projection is computed once per distinct interest of the batch and gathered (exact).
         layers = self.trm_model.encoder.layers
-        table_qkv = (F.linear(interest_table, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
-                     if len(layers) else None)                          # [K+1, 3H]
+        used, ids_in_used = torch.unique(ids, return_inverse=True)      # [U], [B, Qv+1]
+        table_qkv = (F.linear(interest_table.index_select(0, used), layers[0].self_attn.in_proj_weight,
+                              layers[0].self_attn.in_proj_bias) if len(layers) else None)   # [U, 3H]
         outputs, targets = [], []
         lower, upper = 0, 2
         while True:
@@ -208,8 +209,8 @@ class MISSRec(SeqTransformer):
                 sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
                 sub = Packer(sub_active)
                 idx = sub.pack(ids[rows, :q])                            # [t] interest ids
-                outputs.append(self.encode_memory(interest_table.index_select(0, idx), sub, sub_mask,
-                                                  None if table_qkv is None else table_qkv.index_select(0, idx)))
+                qkv = None if table_qkv is None else table_qkv.index_select(0, sub.pack(ids_in_used[rows, :q]))
+                outputs.append(self.encode_memory(interest_table.index_select(0, idx), sub, sub_mask, qkv))
                 flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
                 targets.append(position[flat])
             if upper >= int(n_valid.max()):
