@@ -1,11 +1,19 @@
-"""Open checkpoints safely: ours and those of the original MISSRec code.
+"""Checkpoints: the one format that both training stages write and resume from, loading a
+pre-trained state dict, and opening checkpoints safely, ours and those of the original code.
 
     from checkpoints import load_checkpoint
     ckpt = load_checkpoint('saved/MISSRec-FHCKM_mm_full-100.pth')
     ckpt['config']['hidden_size'], ckpt['state_dict'], ckpt.get('epoch')
 
-Our checkpoints (trainer.py, ddp_pretrain.py) hold only plain values and open
-with `torch.load(..., weights_only=True)`. The original code's checkpoints hold
+Our format (`save_checkpoint`, read back by `resume_from`): one dict with `config`,
+`epoch` (the last finished epoch, 0-based), `state_dict` (buffers included),
+`optimizer`, `rng_states` (the random states of every process, in rank order) and,
+in fine-tuning, the early-stopping state (`cur_step`, `best_valid_score`,
+`best_valid_result`, `best_valid_epoch`, `best_model_file`). Files are written
+atomically (a temporary file renamed over the name), so a kill never leaves a
+partial checkpoint.
+
+Our checkpoints hold only plain values and open with `torch.load(..., weights_only=True)`. The original code's checkpoints hold
 a pickled `recbole.config.configurator.Config` (with RecBole enum members, a
 `torch.device`, the model and YAML-loader classes, numpy scalars) that
 `weights_only` refuses. Those are opened with a restricted unpickler that
@@ -32,14 +40,23 @@ monkey-patch it. The returned dict has `config` as a plain dict: the Config's
 class references strings like 'missrec.MISSRec').
 """
 import collections
+import logging
 import os
 import pickle
+import random
 import types
 
+import numpy as np
 import torch
 
-__all__ = ['load_checkpoint', 'state_dict_of', 'CheckpointError', 'UnsafeCheckpointError',
-           'RecordedObject', 'EnumStandIn', 'GlobalRef']
+import distributed as D
+from tools._io import atomic_open
+
+__all__ = ['load_checkpoint', 'state_dict_of', 'save_checkpoint', 'resume_from', 'load_pretrained',
+           'shape_mismatches', 'CheckpointError', 'UnsafeCheckpointError', 'RecordedObject', 'EnumStandIn',
+           'GlobalRef']
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -336,3 +353,118 @@ def state_dict_of(ckpt, path='checkpoint'):
     if state and all(k.startswith('module.') for k in state):
         state = collections.OrderedDict((k[len('module.'):], v) for k, v in state.items())
     return state
+
+
+def shape_mismatches(model, state):
+    """['name (checkpoint shape) vs (model shape)', ...] of the entries of `state` that the model
+    holds with another shape."""
+    own = model.state_dict()
+    return [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+            if k in own and own[k].shape != v.shape]
+
+
+# ---------------------------------------------------------------- our format
+def atomic_save(obj, path):
+    """torch.save through a temporary file renamed over `path` (tools/_io.py): a kill at any
+    moment leaves either the old file or the new one, never a partial one."""
+    with atomic_open(path, 'wb') as f:
+        torch.save(obj, f)
+
+
+def rng_state():
+    """Random states as tensors and plain types, so that `torch.load(weights_only=True)` reads them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'].cpu())
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if state.get('cuda') is not None and torch.cuda.is_available():
+        set_cuda_rng_states(state['cuda'])
+
+
+_WARNED_GPU_COUNT = False
+
+
+def set_cuda_rng_states(states):
+    """Restore saved CUDA generator states. torch.load with a CUDA map_location puts them on the
+    GPU, but the generators take CPU ByteTensors; a checkpoint written where more (or fewer)
+    GPUs were visible restores those it has for the GPUs visible now."""
+    global _WARNED_GPU_COUNT
+    count = torch.cuda.device_count()
+    if len(states) != count and not _WARNED_GPU_COUNT:
+        logger.warning(f'the checkpoint holds the random states of {len(states)} GPUs, {count} visible now: '
+                       f'restoring {min(len(states), count)}')
+        _WARNED_GPU_COUNT = True
+    for i, s in enumerate(states[:count]):
+        torch.cuda.set_rng_state(s.cpu(), i)
+
+
+def save_checkpoint(path, config, epoch, model, optimizer, **state):
+    """Write a checkpoint of the one format (module docstring). Every process calls it: the random
+    states of all are gathered, rank 0 writes, and the others wait until the file is there.
+
+    Args:
+        epoch: the last finished epoch (0-based).
+        state: further entries (fine-tuning: the early-stopping state).
+    """
+    states = D.all_gather_object(rng_state())
+    if D.is_main_process():
+        atomic_save({'config': config.to_dict(), 'epoch': epoch, 'state_dict': model.state_dict(),
+                     'optimizer': optimizer.state_dict(), 'rng_states': states, **state}, path)
+    D.barrier()
+
+
+def resume_from(path, model, optimizer, device, expected, required=()):
+    """Load a checkpoint of `save_checkpoint` into model and optimizer and restore this process's
+    random states; returns the checkpoint (its `epoch` and any further entries).
+
+    Args:
+        expected: what the checkpoint should be, for the message when it is not.
+        required: further entries the checkpoint must hold.
+    """
+    ckpt = load_checkpoint(path, map_location=device)
+    if any(k not in ckpt for k in ('state_dict', 'optimizer', 'epoch', 'rng_states', *required)):
+        raise CheckpointError(f'{path}: not a checkpoint to resume from (expected {expected})')
+    model.load_state_dict(ckpt['state_dict'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    states = ckpt['rng_states']
+    if len(states) == D.world_size():
+        set_rng_state(states[D.rank()])
+    else:
+        logger.warning(f'{path} was written by {len(states)} processes, now {D.world_size()}: '
+                       'random states not restored')
+    return ckpt
+
+
+# ------------------------------------------------------------- pre-trained
+def load_pretrained(model, path, freeze):
+    """Load a pre-trained state dict non-strictly (SPEC 4); with `freeze`, freeze the position
+    embedding and the Transformer. The checkpoint's interest tables, if any, are not loaded:
+    they belong to its own items, and interest discovery rebuilds the model's before the first
+    epoch. Returns the lines to log (missing and unexpected keys)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f'{path}: pre-trained checkpoint not found')
+    state = state_dict_of(load_checkpoint(path), path)
+    interest = {'interest_embeddings', 'plm_interest_lookup_table', 'img_interest_lookup_table'}
+    skipped = sorted(k for k in state if k in interest)
+    state = {k: v for k, v in state.items() if k not in interest}
+    mismatched = shape_mismatches(model, state)
+    if mismatched:
+        raise CheckpointError(f'{path}: parameter shapes differ from the model: ' + '; '.join(mismatched))
+    result = model.load_state_dict(state, strict=False)
+    if freeze:
+        for p in list(model.position_embedding.parameters()) + list(model.trm_model.parameters()):
+            p.requires_grad = False
+    lines = [f'Loading pre-trained model from {path}',
+             f'missing keys (kept as initialised): {result.missing_keys}',
+             f'unexpected keys (ignored): {result.unexpected_keys}']
+    if skipped:
+        lines.append(f'interest tables of the checkpoint (rebuilt by interest discovery): {skipped}')
+    return lines

@@ -40,10 +40,6 @@ def rank():
     return dist.get_rank() if is_dist() else 0
 
 
-def local_rank():
-    return int(os.environ.get('LOCAL_RANK', 0)) if is_dist() else 0
-
-
 def is_main_process():
     return rank() == 0
 
@@ -133,6 +129,15 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a group)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _sizes(n, device, group=None):

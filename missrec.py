@@ -5,9 +5,11 @@ The model of SPEC section 3: an encoder over the user's distinct interest tokens
 (item-modality clusters), a decoder over the item sequence that cross-attends
 to them, and a dynamic fusion of per-modality item scores.
 
-API (RecBole style): `calculate_loss(batch) -> loss`, `full_sort_predict(batch)
--> [B, N]`, `seq_output(...) -> ([B, H], reg)`, `interest_points()` and
-`set_interests(...)` for interest discovery.
+API (RecBole style): `calculate_loss(batch, gather=None) -> loss` for both stages,
+`full_sort_predict(batch) -> [B, N]`, `seq_output(...) -> ([B, H], reg)`;
+`interest_points()` (fine-tuning) or `pretrain_interest_points(...)`, then
+`set_interests(...)`, for interest discovery. The interest tables are buffers of
+the model in both stages.
 """
 import math
 
@@ -78,11 +80,17 @@ class MISSRec(SeqTransformer):
                                                    freeze=True, padding_idx=0)
                 setattr(self, self._table_name(m), emb)
                 self.register_buffer(f'{self._table_name(m)}_empty_mask', ~emb.weight.data.sum(-1).bool())
-                self.register_buffer(f'{self._prefix(m)}_interest_lookup_table',
-                                     torch.zeros(n_items, dtype=torch.long))
-            points = len(self.modalities) * (n_items - 1)
-            self.num_interest = max(math.ceil(points * config['interest_ratio']), 1)
-            self.register_buffer('interest_embeddings', torch.zeros(self.num_interest + 1, self.hidden_size))
+
+        # interest tables (SPEC 3.1), written by interest discovery before every epoch; pre-training
+        # rebuilds them from its own items, so they are not part of a pre-trained checkpoint
+        persistent = self.train_stage != 'pretrain'
+        for m in self.modalities:
+            self.register_buffer(f'{self._prefix(m)}_interest_lookup_table', torch.zeros(n_items, dtype=torch.long),
+                                 persistent=persistent)
+        points = len(self.modalities) * (n_items - 1)
+        self.num_interest = max(math.ceil(points * config['interest_ratio']), 1)
+        self.register_buffer('interest_embeddings', torch.zeros(self.num_interest + 1, self.hidden_size),
+                             persistent=persistent)
 
         if len(self.modalities) == 2 and self.item_mm_fusion != 'static':
             shape = (n_items,) if self.item_mm_fusion == 'dynamic_instance' else ()
@@ -114,15 +122,24 @@ class MISSRec(SeqTransformer):
         tables = self.adapted_tables()
         return torch.cat([tables[m][1:] for m in self.modalities], dim=0)
 
+    def interest_tables(self):
+        """The buffers interest discovery writes: [interest_embeddings, lookup table of each modality]."""
+        return [self.interest_embeddings] + [getattr(self, f'{self._prefix(m)}_interest_lookup_table')
+                                             for m in self.modalities]
+
     @torch.no_grad()
     def set_interests(self, labels, centroids):
         """Write k-means results: centroids to interest_embeddings[1:], labels+1 to the lookups."""
-        write_interest_tables(labels, centroids, self.interest_embeddings,
-                              [getattr(self, f'{self._prefix(m)}_interest_lookup_table') for m in self.modalities])
+        embeddings, *lookups = self.interest_tables()
+        write_interest_tables(labels, centroids, embeddings, lookups)
 
     def interest_ids(self, item_seq):
-        """[B, M*L] interest ids of every item and modality of the sequences."""
-        return torch.cat([getattr(self, f'{self._prefix(m)}_interest_lookup_table')[item_seq]
+        """[B, M*L] interest ids of every item and modality of the sequences.
+
+        `item_seq` is long [B, L], or {modality: long [B, L]} when the modalities follow
+        different sequences (pre-training's augmented side, see data/pretrain.py)."""
+        seqs = item_seq if isinstance(item_seq, dict) else dict.fromkeys(self.modalities, item_seq)
+        return torch.cat([getattr(self, f'{self._prefix(m)}_interest_lookup_table')[seqs[m]]
                           for m in self.modalities], dim=1)
 
     # ------------------------------------------------------------ sequence side
@@ -307,12 +324,34 @@ class MISSRec(SeqTransformer):
         # in place: no second [B, N] tensor (the fused logits are not saved for backward)
         return self.fused_logits(s, item_emb).div_(self.temperature), reg
 
-    def calculate_loss(self, batch):
-        """CE over all N items (PAD column included, as in the original) + gamma * reg."""
+    def calculate_loss(self, batch, gather=None):
+        """Training loss of a batch, both stages.
+
+        Fine-tuning (SPEC 4): cross-entropy over all N items (PAD column included, as in the
+        original) + gamma * reg. Pre-training (SPEC 3.4): sequence-item cross-entropy over the
+        in-batch targets + lambda * sequence-sequence cross-entropy + gamma * (reg + reg').
+        Cross-entropies are means over the rows; the regularisers are sums over them.
+
+        Args:
+            batch: a batch of data/loader.py (fine-tuning) or data/pretrain.py (pre-training).
+            gather: None when the batch stands alone. Otherwise the batch is this process's
+                share of a global batch and gather(x) -> (x of all processes, offset of these
+                rows) (`distributed.all_gather_with_grad`): the means run over the global batch,
+                pre-training draws its contrastive candidates from all of it, and the losses
+                of all processes sum to the loss of the global batch.
+        Returns:
+            scalar loss.
+        """
         if self.train_stage == 'pretrain':
-            raise NotImplementedError('pre-training loss: see ddp_pretrain.py')
-        logits, reg = self._all_item_logits(batch)
-        return self.loss_fct(logits, batch['item_id']) + self.gamma * reg
+            batch = dict(batch, interest_ids=self.interest_ids(batch['item_seq']),
+                         interest_ids_aug=self.interest_ids(batch['modal_seq_aug']))
+            seq_item, seq_seq, reg = self.pretrain_losses(batch, self.interest_embeddings, gather)
+            rows = seq_item.sum() + self.lam * seq_seq.sum()
+        else:
+            logits, reg = self._all_item_logits(batch)
+            rows = F.cross_entropy(logits, batch['item_id'], reduction='sum')
+        n = len(batch['item_id']) if gather is None else len(gather(batch['item_id'])[0])
+        return rows / n + self.gamma * reg
 
     def full_sort_predict(self, batch):
         """Scores [B, N] of every item (column 0 is the PAD item)."""

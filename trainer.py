@@ -1,5 +1,12 @@
-"""RecBole-like training loop: interest discovery, epochs, full-sort evaluation,
-early stopping, best checkpoint, reload and test (SPEC sections 4 and 5).
+"""Training loops (SPEC 4, 5): fine-tuning with early stopping (`Trainer`) and pre-training
+(`Pretrainer`), on one process or several.
+
+Both loops share one epoch: interest discovery (rank 0 clusters, every rank gets the
+tables), then the training batches through the model's `calculate_loss`; and one
+checkpoint format, written and read by checkpoints.py. With several processes the
+forward runs through `DistributedDataParallel`, each process trains on its share
+of every global batch, and the losses are scaled so that the synchronised gradient
+is the one of the whole batch.
 
 The log lines follow the original's, so logs compare line by line:
 
@@ -9,21 +16,29 @@ The log lines follow the original's, so logs compare line by line:
     hit@10 : 0.127    hit@50 : 0.2507    ndcg@10 : 0.067    ndcg@50 : 0.0934
 """
 import logging
+import logging.handlers
 import os
 import random
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import distributed as D
 import metrics as M
+from checkpoints import load_checkpoint, resume_from, save_checkpoint, state_dict_of
 from cluster_utils import discover_interests
 from data.loader import to_device
+from data.pretrain import PretrainBatches
+from missrec import MISSRec
 
-logger = logging.getLogger('missrec')
+logger = logging.getLogger(__name__)
+_FORMAT = logging.Formatter('%(asctime)s %(levelname)s  %(message)s', datefmt='%a %d %b %Y %H:%M:%S')
+_HANDLERS = []   # what start_logging / init_logger added to the root logger
 
 
 # ----------------------------------------------------------------- utilities
@@ -36,22 +51,42 @@ def init_seed(seed, reproducibility=True):
     torch.backends.cudnn.deterministic = reproducibility
 
 
+def start_logging(main_process=True):
+    """Log in the original's format through the root logger, so that the loggers of every module
+    (`logging.getLogger(__name__)`) and Python warnings reach the console and, once `init_logger`
+    opens it, the run's log file; until then the records are kept (a run checks its inputs before
+    it writes anything, and their warnings belong in its log). Other ranks log warnings only."""
+    root = logging.getLogger()
+    for handler in _HANDLERS:
+        root.removeHandler(handler)
+        handler.close()
+    _HANDLERS[:] = [logging.StreamHandler(sys.stdout), logging.handlers.BufferingHandler(capacity=10_000)]
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    logging.captureWarnings(True)
+    for handler in _HANDLERS:
+        handler.setFormatter(_FORMAT)
+        root.addHandler(handler)
+
+
 def init_logger(config, name_parts, main_process=True):
-    """Console + `log/{name}.log` handlers in the original's format; returns the log path."""
-    logger.handlers.clear()
-    logger.setLevel(logging.INFO if main_process else logging.WARNING)
-    logger.propagate = False
-    fmt = logging.Formatter('%(asctime)s %(levelname)s  %(message)s', datefmt='%a %d %b %Y %H:%M:%S')
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    logger.addHandler(console)
+    """Open the run's log file `{log_dir}/{name}.log` (rank 0 only) with the records kept since
+    `start_logging` (called here if it was not); returns its path (None on other ranks)."""
+    if not _HANDLERS or type(_HANDLERS[-1]) is not logging.handlers.BufferingHandler:
+        start_logging(main_process)
+    root = logging.getLogger()
+    kept = _HANDLERS.pop()
+    root.removeHandler(kept)
     if not main_process:
         return None
     os.makedirs(config['log_dir'], exist_ok=True)
     path = os.path.join(config['log_dir'], '-'.join(p for p in name_parts if p) + '.log')
     handler = logging.FileHandler(path)
-    handler.setFormatter(fmt)
-    logger.addHandler(handler)
+    handler.setFormatter(_FORMAT)
+    for record in kept.buffer:
+        handler.handle(record)
+    kept.close()
+    _HANDLERS.append(handler)
+    root.addHandler(handler)
     return path
 
 
@@ -59,87 +94,151 @@ def local_time():
     return time.strftime('%b-%d-%Y_%H-%M-%S')
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
-    a kill at any moment leaves either the old file or the new one, never a partial one."""
-    folder = os.path.dirname(path) or '.'
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pth')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def has_unused_parameters(model):
+    """True when a trainable parameter never gets a gradient, which DDP must be told: with
+    modal_type none the interest encoder and the decoder's cross-attention have no input; with
+    transductive_ft and id_type none the ID embedding exists (the original's module) but is unused."""
+    def trainable(module):
+        return module is not None and any(p.requires_grad for p in module.parameters())
+    return ((not model.modalities and trainable(model.trm_model.encoder))
+            or (not model.use_id and trainable(model.item_embedding)))
 
 
-def rng_state():
-    """Random states as tensors and plain types, so that `torch.load(weights_only=True)` reads them."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
-            'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+class _LossForward(nn.Module):
+    """What DDP wraps: its forward is the model's `calculate_loss` (MISSRec has no forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, gather):
+        return self.model.calculate_loss(batch, gather)
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'].cpu())
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if state.get('cuda') is not None and torch.cuda.is_available():
-        set_cuda_rng_states(state['cuda'])
+# ------------------------------------------------------------ both stages
+class _Loop:
+    """What both stages share: optimiser, the (DDP) training forward, interest discovery,
+    one training epoch, resuming.
+
+    Args:
+        config: resolved `Config`.
+        model: the MISSRec module (already on `device`).
+        device: torch device of the model and batches.
+        gather: `distributed.all_gather_with_grad` when every process trains on its share of
+            one global batch (see `MISSRec.calculate_loss`); None when each process's batch
+            stands alone (one process, or pre-training with `contrastive_negatives: local`).
+    """
+
+    def __init__(self, config, model, device, gather=None):
+        self.config, self.model, self.device, self.gather = config, model, device, gather
+        self.show_progress = config['show_progress'] and D.is_main_process()
+        self.clip_grad_norm = config['clip_grad_norm']
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
+        self.loss = _LossForward(model)
+        if D.is_dist():   # wrap once: train through the wrapper, save `model` (interest discovery broadcasts
+            # the tables; the search for unused parameters costs a graph walk per step: only when needed)
+            self.loss = DistributedDataParallel(self.loss, device_ids=[device] if device.type == 'cuda' else None,
+                                                broadcast_buffers=False,
+                                                find_unused_parameters=has_unused_parameters(model))
+        self.start_epoch = 0
+
+    def last_good(self):
+        """The checkpoint named when training stops on a NaN."""
+        raise NotImplementedError
+
+    def interest_points(self):
+        """[M*(N-1), H] adapted item rows to cluster (SPEC 3.1)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------ interest discovery
+    @torch.no_grad()
+    def discover(self, epoch):
+        """Rank 0 clusters the adapted item rows of every modality and writes the model's
+        interest tables; every rank gets them (SPEC 3.1)."""
+        if not self.model.modalities:
+            return
+        failed = ''
+        if D.is_main_process():
+            logger.info(f'Discovering multi-modal user interest before {epoch}-th epoch')
+            start = time.perf_counter()
+            was_training = self.model.training
+            self.model.eval()
+            points = self.interest_points()                                   # [M*(N-1), H]
+            local = max(int(np.ceil(len(points) * self.config['knn_local_ratio'])), 1)
+            try:
+                labels, centroids, info = discover_interests(
+                    points, self.model.num_interest, algorithm=self.config['interest_clustering'],
+                    kmeans_mode=self.config['kmeans_mode'], seed=self.config['seed'] + epoch, local_size=local,
+                    memory_budget_mb=self.config['cluster_memory_mb'])
+            except FloatingPointError as e:   # NaN/inf item rows: sent to every rank, so that all stop
+                failed = f'interest discovery before epoch {epoch}: {e}; the last good checkpoint is {self.last_good()}'
+            else:
+                self.model.set_interests(labels, centroids)
+                logger.info(f'Finish multi-modal interest discovery before {epoch}-th epoch')
+                logger.info(f"interest discovery [time: {time.perf_counter() - start:.2f}s, "
+                            f"interests used: {info['n_used']} of {self.model.num_interest}, "
+                            f"objective: {info['objective']:.4f}]")
+            self.model.train(was_training)
+        failed = D.broadcast_object(failed)
+        if failed:
+            raise FloatingPointError(failed)
+        for table in self.model.interest_tables():
+            D.broadcast_(table)
+
+    # ---------------------------------------------------------------- training
+    def step(self, batch):
+        """Forward, backward and optimiser step of one batch; returns the loss of the global batch."""
+        # forward
+        loss = self.loss(to_device(batch, self.device), self.gather)
+        value = D.all_reduce_sum(loss.detach())
+        if self.gather is None:   # each process's own batch loss: report their mean
+            value /= D.world_size()
+        else:   # shares of the global batch loss; DDP averages gradients over the W processes
+            loss = loss * D.world_size()
+        if not torch.isfinite(value):   # the same value on every rank: all of them stop
+            raise FloatingPointError(f'training loss is {value.item()}')
+        # step
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+        self.optimizer.step()
+        return value.item()
+
+    def train_epoch(self, batches, epoch):
+        """One pass over `batches` (shuffled for `epoch`); returns the sum of the batch losses."""
+        self.model.train()
+        batches.set_epoch(epoch)
+        total = 0.0
+        it = tqdm(batches, desc=f'Train {epoch:>5}', ncols=100) if self.show_progress else batches
+        for i, batch in enumerate(it):
+            try:
+                total += self.step(batch)
+            except FloatingPointError as e:
+                raise FloatingPointError(f'{e} at epoch {epoch}, batch {i}; '
+                                         f'the last good checkpoint is {self.last_good()}') from None
+        return total
+
+    def _fit_epoch(self, batches, epoch):
+        """Interest discovery, one training epoch and its log line; returns the epoch's loss."""
+        self.discover(epoch)
+        start = time.time()
+        loss = self.train_epoch(batches, epoch)
+        logger.info(f'epoch {epoch} training [time: {time.time() - start:.2f}s, train loss: {loss:.4f}]')
+        return loss
+
+    def resume(self, path, expected, required=()):
+        """Continue after the epoch that the checkpoint `path` finished; returns the checkpoint."""
+        ckpt = resume_from(path, self.model, self.optimizer, self.device, expected, required)
+        self.start_epoch = ckpt['epoch'] + 1
+        logger.info(f'Loading checkpoint {path}: resuming at epoch {self.start_epoch}')
+        return ckpt
 
 
-_WARNED_GPU_COUNT = False
-
-
-def set_cuda_rng_states(states):
-    """Restore saved CUDA generator states. torch.load with a CUDA map_location puts them on the
-    GPU, but the generators take CPU ByteTensors; a checkpoint written where more (or fewer)
-    GPUs were visible restores those it has for the GPUs visible now."""
-    global _WARNED_GPU_COUNT
-    count = torch.cuda.device_count()
-    if len(states) != count and not _WARNED_GPU_COUNT:
-        logger.warning(f'the checkpoint holds the random states of {len(states)} GPUs, {count} visible now: '
-                       f'restoring {min(len(states), count)}')
-        _WARNED_GPU_COUNT = True
-    for i, s in enumerate(states[:count]):
-        torch.cuda.set_rng_state(s.cpu(), i)
-
-
-def run_interest_discovery(model, config, epoch):
-    """Cluster the adapted item rows of every modality and write the interest tables (SPEC 3.1)."""
-    if not model.modalities:
-        return
-    logger.info(f'Discovering multi-modal user interest before {epoch}-th epoch')
-    start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    points = model.interest_points()                                   # [M*(N-1), H]
-    local = max(int(np.ceil(len(points) * config['knn_local_ratio'])), 1)
-    try:
-        labels, centroids, info = discover_interests(
-            points, model.num_interest, algorithm=config['interest_clustering'],
-            kmeans_mode=config['kmeans_mode'], seed=config['seed'] + epoch, local_size=local,
-            memory_budget_mb=config['cluster_memory_mb'])
-    except FloatingPointError as e:   # NaN/inf item rows: stop like a NaN loss
-        raise FloatingPointError(f'interest discovery before epoch {epoch}: {e}') from None
-    model.set_interests(labels, centroids)
-    model.train(was_training)
-    logger.info(f'Finish multi-modal interest discovery before {epoch}-th epoch')
-    logger.info(f"interest discovery [time: {time.perf_counter() - start:.2f}s, "
-                f"interests used: {info['n_used']} of {model.num_interest}, "
-                f"objective: {info['objective']:.4f}]")
-
-
-# -------------------------------------------------------------------- trainer
-class Trainer:
-    """Fits a fine-tuning model with early stopping on `valid_metric`.
+# ------------------------------------------------------------ fine-tuning
+class Trainer(_Loop):
+    """Fits a fine-tuning model with early stopping on `valid_metric` (SPEC 4).
 
     Args:
         config: resolved `Config`.
@@ -148,54 +247,30 @@ class Trainer:
     """
 
     def __init__(self, config, model, device):
-        self.config = config
-        self.model = model
-        self.device = device
+        super().__init__(config, model, device, gather=D.all_gather_with_grad if D.is_dist() else None)
         self.epochs = config['epochs']
         self.eval_step = config['eval_step']
         self.stopping_step = config['stopping_step']
-        self.show_progress = config['show_progress']
-        self.clip_grad_norm = config['clip_grad_norm']
         self.original_metrics = config['eval_topk_plus_one']
         self.valid_metric = config['valid_metric'].lower()
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=config['learning_rate'],
-                                          weight_decay=config['weight_decay'])
-        self.saved_model_file = os.path.join(config['checkpoint_dir'], f'MISSRec-{local_time()}.pth')
-        self.start_epoch = 0
+        self.saved_model_file = D.broadcast_object(      # one name on every rank
+            os.path.join(config['checkpoint_dir'], f'MISSRec-{local_time()}.pth'))
         self.cur_step = 0
         self.best_valid_score = -np.inf
         self.best_valid_result = None
         self.best_valid_epoch = -1
-        # hooks for ddp_finetune.py: the training forward (a DDP-wrapped loss) and the
-        # collection of every process's ranks of a sharded evaluation batch
-        self.loss_fn = model.calculate_loss
-        self.gather_ranks = None
 
-    # ------------------------------------------------------------- one epoch
-    def _train_epoch(self, batches, epoch):
-        self.model.train()
-        total = 0.0
-        it = tqdm(batches, desc=f'Train {epoch:>5}', ncols=100) if self.show_progress else batches
-        for i, batch in enumerate(it):
-            batch = to_device(batch, self.device)
-            # forward
-            loss = self.loss_fn(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'training loss is {loss.item()} at epoch {epoch}, batch {i}; '
-                                         f'the last good checkpoint is {self.saved_model_file}')
-            # step
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
-            self.optimizer.step()
-            total += loss.item()
-        return total
+    def interest_points(self):
+        return self.model.interest_points()
+
+    def last_good(self):
+        return self.saved_model_file if self.best_valid_epoch >= 0 else 'none yet'
 
     @torch.no_grad()
     def evaluate(self, batches, desc='Evaluate'):
-        """Full-sort metrics over a split: (exact top-K, original top-K+1) OrderedDicts."""
+        """Full-sort metrics over a split: (exact top-K, original top-K+1) OrderedDicts.
+        With several processes each ranks its share of a batch, and every process
+        collects the ranks of all rows, so the metrics are those of one process."""
         self.model.eval()
         metrics, topk = self.config['metrics'], self.config['topk']
         sums = [None, None]
@@ -206,8 +281,7 @@ class Trainer:
             scores = self.model.full_sort_predict(batch)
             scores[:, 0] = -np.inf                                     # never rank PAD
             rank = M.ranks(scores, batch['item_id'])
-            if self.gather_ranks is not None:
-                rank = self.gather_ranks(rank, batch)
+            rank = D.gather_rows_interleaved(rank[:0] if batch.get('dummy') else rank)
             for j, original in enumerate((False, True)):
                 part = M.metric_sums(rank, metrics, topk, original)
                 sums[j] = part if sums[j] is None else {k: sums[j][k] + v for k, v in part.items()}
@@ -218,17 +292,12 @@ class Trainer:
         """The result in the convention used for model selection and the log lines."""
         return results[1] if self.original_metrics else results[0]
 
-    # ------------------------------------------------------------- the loop
     def fit(self, train_batches, valid_batches):
         """Train until early stopping; returns (best valid score, best valid results)."""
         for epoch in range(self.start_epoch, self.epochs):
-            run_interest_discovery(self.model, self.config, epoch)
-            train_batches.set_epoch(epoch)
-            start = time.time()
-            loss = self._train_epoch(train_batches, epoch)
-            logger.info(f'epoch {epoch} training [time: {time.time() - start:.2f}s, train loss: {loss:.4f}]')
+            self._fit_epoch(train_batches, epoch)
             stop = self.eval_step > 0 and (epoch + 1) % self.eval_step == 0 and self._validate(valid_batches, epoch)
-            self.save_last(epoch)
+            self.save(self.last_model_file, epoch)
             if stop:
                 logger.info(f'Finished training, best eval result in epoch {self.best_valid_epoch}')
                 break
@@ -245,61 +314,89 @@ class Trainer:
         if score >= self.best_valid_score:                             # ties count as improvement
             self.best_valid_score, self.best_valid_result = score, results
             self.best_valid_epoch, self.cur_step = epoch, 0
-            self.save_checkpoint(epoch)
+            self.save(self.saved_model_file, epoch)
             logger.info(f'Saving current: {self.saved_model_file}')
             return False
         self.cur_step += 1
         return self.cur_step > self.stopping_step
 
     # ---------------------------------------------------------- checkpoints
-    def save_checkpoint(self, epoch):
-        """The best model so far (the original's checkpoint format)."""
-        atomic_save({
-            'config': self.config.to_dict(),
-            'epoch': epoch,
-            'cur_step': self.cur_step,
-            'best_valid_score': self.best_valid_score,
-            'state_dict': self.model.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-        }, self.saved_model_file)
-
     @property
     def last_model_file(self):
+        """Written after every epoch: everything needed to continue the run."""
         return self.saved_model_file[:-len('.pth')] + '-last.pth'
 
-    def save_last(self, epoch):
-        """Everything needed to continue after `epoch` (the last finished epoch), RNG states included."""
-        atomic_save({
-            'config': self.config.to_dict(),
-            'epoch': epoch,
-            'cur_step': self.cur_step,
-            'best_valid_score': self.best_valid_score,
-            'best_valid_result': self.best_valid_result,
-            'best_valid_epoch': self.best_valid_epoch,
-            'best_model_file': self.saved_model_file,
-            'state_dict': self.model.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-            'rng': rng_state(),
-        }, self.last_model_file)
+    def save(self, path, epoch):
+        """A checkpoint after `epoch` with the early-stopping state (the best model, or the last)."""
+        save_checkpoint(path, self.config, epoch, self.model, self.optimizer, cur_step=self.cur_step,
+                        best_valid_score=self.best_valid_score, best_valid_result=self.best_valid_result,
+                        best_valid_epoch=self.best_valid_epoch, best_model_file=self.saved_model_file)
 
     def resume(self, path):
-        """Continue from a checkpoint written by `save_last`."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        if 'rng' not in ckpt:
-            raise ValueError(f'{path}: not a resumable checkpoint (expected the *-last.pth file of a run)')
-        self.model.load_state_dict(ckpt['state_dict'])
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        self.start_epoch = ckpt['epoch'] + 1
+        ckpt = super().resume(path, 'the *-last.pth file of a fine-tuning run', required=('best_model_file',))
         self.cur_step = ckpt['cur_step']
         self.best_valid_score = ckpt['best_valid_score']
         self.best_valid_result = ckpt['best_valid_result']
         self.best_valid_epoch = ckpt['best_valid_epoch']
         self.saved_model_file = ckpt['best_model_file']
-        set_rng_state(ckpt['rng'])
-        logger.info(f'Resuming from {path} at epoch {self.start_epoch}')
+        return ckpt
 
     def load_best(self):
         """Reload the best checkpoint, buffers included (no new interest discovery)."""
-        ckpt = torch.load(self.saved_model_file, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(ckpt['state_dict'])
+        ckpt = load_checkpoint(self.saved_model_file, map_location=self.device)
+        self.model.load_state_dict(state_dict_of(ckpt, self.saved_model_file))
         logger.info(f'Loading model structure and parameters from {self.saved_model_file}')
+
+
+# ----------------------------------------------------------- pre-training
+class Pretrainer(_Loop):
+    """Pre-training loop of one process (SPEC 3.4, 4): builds the model (the same initial
+    weights on every rank), then interest discovery and one epoch per epoch, and a checkpoint
+    `saved/MISSRec-{dataset}-{epoch}[-{ckpt_suffix}].pth` every `save_step` epochs.
+
+    Args:
+        config: resolved `Config` (train_stage pretrain).
+        dataset: `PretrainDataset` (tables already on `device`).
+        device: this process's device.
+    """
+
+    def __init__(self, config, dataset, device):
+        init_seed(config['seed'], config['reproducibility'])             # same initial weights on every rank
+        model = MISSRec(config, dataset.n_items).to(device)
+        init_seed(config['seed'] + D.rank(), config['reproducibility'])  # dropout differs per rank
+        shares = D.is_dist() and config['contrastive_negatives'] == 'global'
+        super().__init__(config, model, device, gather=D.all_gather_with_grad if shares else None)
+        self.dataset = dataset
+        self.epochs, self.save_step = config['pretrain_epochs'], config['save_step']
+        self.batches = PretrainBatches(dataset, config['train_batch_size'], config, seed=config['seed'],
+                                       rank=D.rank(), world_size=D.world_size())
+        self.saved = []
+
+    def interest_points(self):
+        return self.model.pretrain_interest_points(self.dataset.tables, self.config['train_batch_size'])
+
+    def last_good(self):
+        return self.saved[-1] if self.saved else 'none yet'
+
+    def checkpoint_path(self, epoch):
+        suffix = f"-{self.config['ckpt_suffix']}" if self.config['ckpt_suffix'] else ''
+        return os.path.join(self.config['checkpoint_dir'], f"MISSRec-{self.config['dataset']}-{epoch + 1}{suffix}.pth")
+
+    def save(self, epoch):
+        """`epoch` is the last finished epoch (0-based; the file name says epoch + 1)."""
+        path = self.checkpoint_path(epoch)
+        save_checkpoint(path, self.config, epoch, self.model, self.optimizer)
+        logger.info(f'Saving current: {path}')
+        self.saved.append(path)
+
+    def resume(self, path):
+        return super().resume(path, 'a pre-training checkpoint of this project')
+
+    def fit(self):
+        """Interest discovery and one training epoch per epoch; returns the epoch losses."""
+        losses = []
+        for epoch in range(self.start_epoch, self.epochs):
+            losses.append(self._fit_epoch(self.batches, epoch))
+            if (epoch + 1) % self.save_step == 0:
+                self.save(epoch)
+        return losses

@@ -23,7 +23,7 @@ from config import Config, parse_overrides, stage_files  # noqa: E402
 from data.dataset import SeqDataset  # noqa: E402
 from data.loader import SeqBatches  # noqa: E402
 from missrec import MISSRec  # noqa: E402
-from trainer import Trainer, init_seed, run_interest_discovery  # noqa: E402
+from trainer import Trainer, init_seed  # noqa: E402
 
 ORIGINAL_EPOCH_S = 63.1
 ORIGINAL_VALID_S = 5.1
@@ -57,9 +57,8 @@ def main():
 
     disc, epochs, evals, losses = [], [], [], []
     for epoch in range(args.epochs):
-        disc.append(timed(lambda: run_interest_discovery(model, config, epoch))[0])
-        train.set_epoch(epoch)
-        t, loss = timed(lambda: trainer._train_epoch(train, epoch))
+        disc.append(timed(lambda: trainer.discover(epoch))[0])
+        t, loss = timed(lambda: trainer.train_epoch(train, epoch))
         epochs.append(t)
         losses.append(loss)
         evals.append(timed(lambda: trainer.evaluate(valid))[0])

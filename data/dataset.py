@@ -12,9 +12,10 @@ import re
 import numpy as np
 import torch
 
+from data import INTER_HEADER
+
 logger = logging.getLogger(__name__)
 
-INTER_HEADER = ['user_id:token', 'item_id_list:token_seq', 'item_id:token']
 SPLITS = ('train', 'valid', 'test')
 
 
@@ -60,10 +61,9 @@ def read_inter(path, token=ITEM_TOKEN):
     if not os.path.exists(path):
         raise DataError(f'{path}: file not found')
     with open(path, encoding='utf-8') as f:
-        header = f.readline().rstrip('\n').split('\t')
+        header = f.readline().rstrip('\n')
         if header != INTER_HEADER:
-            raise DataError(f"{path}: line 1: expected header {chr(9).join(INTER_HEADER)!r}, "
-                            f"got {chr(9).join(header)!r}")
+            raise DataError(f'{path}: line 1: expected header {INTER_HEADER!r}, got {header!r}')
         lines = f.read().split('\n')
     if lines and lines[-1] == '':
         lines.pop()
@@ -128,6 +128,23 @@ def number_tokens(files):
 def count_lines(path):
     with open(path, 'rb') as f:
         return sum(1 for line in f if line.strip())
+
+
+def read_item2index(path):
+    """{raw id: item token} of a `raw_id<TAB>index` file ({} when the file is absent)."""
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, start=1):
+            line = line.rstrip('\r\n')
+            if not line:
+                continue
+            parts = line.split('\t')
+            if len(parts) != 2 or not parts[1].strip().isdigit():
+                raise DataError(f"{path}: line {n}: expected 'raw_id<TAB>index' with an integer index")
+            out[parts[0]] = str(int(parts[1]))
+    return out
 
 
 def load_features(path, dim, tokens, what, expected_rows=None):

@@ -12,6 +12,11 @@ class SeqBatches:
     what ran before it; evaluation batches keep the file order. `rank` and
     `world_size` shard each batch's rows (row r goes to rank r % world_size),
     so the global batch is `batch_size` rows whatever the number of processes.
+
+    No process is handed an empty shard: training skips a last batch with fewer
+    rows than processes on every process alike (a process without rows would skip
+    the step's collectives while the others wait in them); evaluation gives such a
+    process one dummy row, marked `dummy`, whose rank the trainer drops.
     """
 
     def __init__(self, split, batch_size, shuffle=False, seed=0, pad_len=None, rank=0, world_size=1):
@@ -36,11 +41,18 @@ class SeqBatches:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.n, generator=g)
 
-    def __iter__(self):
+    def global_batches(self):
+        """(index, rows of the global batch) of this epoch, every process alike."""
         order = self.order()
-        for start in range(0, self.n, self.batch_size):
-            rows = order[start:start + self.batch_size][self.rank::self.world_size]
-            yield self.batch(rows)
+        for k, start in enumerate(range(0, self.n, self.batch_size)):
+            rows = order[start:start + self.batch_size]
+            if len(rows) >= self.world_size or not self.shuffle:
+                yield k, rows
+
+    def __iter__(self):
+        for _, rows in self.global_batches():
+            mine = rows[self.rank::self.world_size]
+            yield self.batch(mine) if len(mine) else dict(self.batch(rows[:1]), dummy=True)
 
     def batch(self, rows):
         lengths = self.split['item_seq_len'][rows]
@@ -54,4 +66,9 @@ class SeqBatches:
 
 
 def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A batch (a dict of tensors, nested dicts included) on `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch

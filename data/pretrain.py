@@ -1,4 +1,4 @@
-"""Multi-domain pre-training data, interest tables and the per-batch augmentation (SPEC 1, 3.1, 3.4).
+"""Multi-domain pre-training data and the per-batch augmentation (SPEC 1, 3.4).
 
 `PretrainDataset(config)` reads `{data_path}/{dataset}/`:
 
@@ -20,17 +20,16 @@ augmentations, and a resumed run sees the same ones as an uninterrupted run.
 
 Batches carry item features only for the distinct items of the batch (`uniq`)
 plus index tensors into them, so the model adapts R distinct rows instead of
-B*L padded positions.
+B*L padded positions. The interest tables are the model's (as in fine-tuning):
+batches carry item ids, and the model looks their interests up.
 """
-import math
 import os
 import re
 
 import numpy as np
 import torch
 
-from cluster_utils import write_interest_tables
-from data.dataset import DataError, number_tokens, pad_histories, read_inter
+from data.dataset import DataError, count_lines, number_tokens, pad_histories, read_inter
 from data.loader import SeqBatches
 
 MODALITIES = ('text', 'img')
@@ -73,6 +72,13 @@ def load_domain_table(folder, domains, suffix, dim, dom, row, tokens):
         size = os.path.getsize(path)
         if size % (dim * 4):
             raise DataError(f'{path}: size {size} bytes is not a multiple of {dim} float32 columns')
+        item_map = os.path.join(folder, f'{name}.item2index')
+        if os.path.exists(item_map):   # a width that happens to divide the size reads scrambled rows
+            expected = count_lines(item_map)
+            if size != expected * dim * 4:
+                raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but {name}.item2index '
+                                f'lists {expected} items; check plm_size/img_size (the file would have '
+                                f'{size / (expected * 4):g} columns)')
         sel = np.nonzero(dom == d)[0]
         if not len(sel):
             continue
@@ -88,29 +94,6 @@ def load_domain_table(folder, domains, suffix, dim, dom, row, tokens):
     return torch.from_numpy(table)
 
 
-class InterestTables:
-    """Interest lookup tables and centroids of the pre-training items (SPEC 3.1).
-
-    Attributes:
-        lookup: {modality: long [N]} interest id of every item (0 = PAD interest).
-        embeddings: float [K+1, H] centroids, row 0 zeros.
-    """
-
-    def __init__(self, n_items, modalities, n_interest, hidden_size):
-        self.n_items, self.modalities, self.num_interest = n_items, list(modalities), n_interest
-        self.lookup = {m: torch.zeros(n_items, dtype=torch.long) for m in self.modalities}
-        self.embeddings = torch.zeros(n_interest + 1, hidden_size)
-
-    def set(self, labels, centroids):
-        """labels long [M*(N-1)] (text rows then image rows), centroids float [K, H]."""
-        write_interest_tables(labels, centroids, self.embeddings, [self.lookup[m] for m in self.modalities])
-
-    def to(self, device):
-        self.lookup = {m: t.to(device) for m, t in self.lookup.items()}
-        self.embeddings = self.embeddings.to(device)
-        return self
-
-
 class PretrainDataset:
     """The multi-domain pre-training corpus, read once.
 
@@ -119,7 +102,6 @@ class PretrainDataset:
         split: {'item_seq' [R, L], 'item_seq_len' [R], 'item_id' [R]} (the train rows).
         tables: {'text', 'text_aug', 'img'} float [N, D] (only those the modal_type uses).
         empty: {modality: bool [N]} True where the feature row sums to 0 (row 0 included).
-        interests: `InterestTables` written by interest discovery before every epoch.
         pad_len: longest history (<= MAX_ITEM_LIST_LENGTH).
     """
 
@@ -136,7 +118,6 @@ class PretrainDataset:
         self.item_tokens = [str(t) for t in tokens]
         self.n_items = len(tokens) + 1
         dom, row = parse_tokens(self.item_tokens, self.domains, inter)
-        self.item_domain = torch.from_numpy(np.concatenate([[-1], dom]))
 
         seq, lengths = pad_histories(hist_ids, rows.offsets, config['MAX_ITEM_LIST_LENGTH'])
         self.split = {'item_seq': seq, 'item_seq_len': lengths,
@@ -155,15 +136,11 @@ class PretrainDataset:
         self.tables = {k: load_domain_table(self.path, self.domains, files[k][0], files[k][1], dom, row,
                                             self.item_tokens) for k in wanted}
         self.empty = {m: ~self.tables[m].sum(-1).bool() for m in self.modalities}
-        points = len(self.modalities) * (self.n_items - 1)
-        n_interest = max(math.ceil(points * config['interest_ratio']), 1)
-        self.interests = InterestTables(self.n_items, self.modalities, n_interest, config['hidden_size'])
 
     def to(self, device):
-        """Move feature tables and interest tables (not the rows) to `device`."""
+        """Move the feature tables (not the rows) to `device`."""
         self.tables = {k: t.to(device) for k, t in self.tables.items()}
         self.empty = {k: t.to(device) for k, t in self.empty.items()}
-        self.interests.to(device)
         return self
 
     def __str__(self):
@@ -171,7 +148,7 @@ class PretrainDataset:
             f'{self.name} (pre-training): domains {",".join(self.domains)}',
             f'The number of items: {self.n_items}',
             f'The number of sequences: {len(self.split["item_id"])}',
-            f'Interests: {self.interests.num_interest}; longest history: {self.pad_len}'])
+            f'Longest history: {self.pad_len}'])
 
 
 # ------------------------------------------------------------ augmentation
@@ -235,11 +212,7 @@ class PretrainBatches(SeqBatches):
         self.quirk = config['item_drop_quirk']
 
     def __iter__(self):
-        order = self.order()
-        for k, start in enumerate(range(0, self.n, self.batch_size)):
-            rows = order[start:start + self.batch_size]
-            if len(rows) < self.world_size:   # a last batch too small to give every rank a row
-                continue
+        for k, rows in self.global_batches():
             yield self.global_batch(rows, k)
 
     def global_batch(self, rows, index):
@@ -262,8 +235,9 @@ def build_batch(dataset, b, mode, quirk):
     Returns a dict with item_seq/_len, item_seq_aug/_len_aug, item_id [B], pad_len,
     feat {m: [R, D]} (+ 'text_aug' for word drop), index / index_aug {m: long [B, L]}
     into the adapted tables (word drop: text rows >= R are the feat2CLS rows),
-    target_index [B], empty / empty_aug {m: bool [B, L]}, interest_ids /
-    interest_ids_aug long [B, M*L].
+    target_index [B], empty / empty_aug {m: bool [B, L]}, and modal_seq_aug {m: long
+    [B, L]}: the item sequence of each modality's augmented side, whose interests the
+    model looks up.
     """
     dev = next(iter(dataset.tables.values())).device
     seq, seq_aug, target = (b[k].to(dev).contiguous() for k in ('item_seq', 'item_seq_aug', 'item_id'))
@@ -277,7 +251,7 @@ def build_batch(dataset, b, mode, quirk):
            'item_seq_aug': seq_aug, 'item_seq_len_aug': b['item_seq_len_aug'].to(dev),
            'pad_len': dataset.pad_len, 'target_index': torch.searchsorted(uniq, target),
            'feat': {m: dataset.tables[m][uniq] for m in dataset.modalities},
-           'index': {}, 'index_aug': {}, 'empty': {}, 'empty_aug': {}}
+           'index': {}, 'index_aug': {}, 'empty': {}, 'empty_aug': {}, 'modal_seq_aug': {}}
     for m in dataset.modalities:
         out['index'][m] = idx
         out['empty'][m] = dataset.empty[m][seq]
@@ -291,8 +265,5 @@ def build_batch(dataset, b, mode, quirk):
         else:
             out['index_aug'][m] = idx if img_seq_aug is seq else idx_aug
             out['empty_aug'][m] = dataset.empty[m][img_seq_aug]
-    lookup = dataset.interests.lookup
-    out['interest_ids'] = torch.cat([lookup[m][seq] for m in dataset.modalities], dim=1)
-    out['interest_ids_aug'] = torch.cat([lookup[m][seq_aug if m == 'text' else img_seq_aug]
-                                         for m in dataset.modalities], dim=1)
+        out['modal_seq_aug'][m] = seq_aug if m == 'text' else img_seq_aug
     return out

@@ -79,28 +79,29 @@ def scores(model, s):
     return fused / model.temperature
 
 
-def pretrain_loss(model, tables, interests, seq, lens, seq_aug, lens_aug, text_aug, img_seq_aug, pad_len):
+def pretrain_loss(model, tables, seq, lens, seq_aug, lens_aug, text_aug, img_seq_aug, pad_len):
     """Sequence sides of SPEC 3.4 for one process: (s, s', reg + reg'), padded to `pad_len` as the original.
 
-    tables: {'text', 'text_aug', 'img': [N, D]}; interests: `InterestTables`;
+    tables: {'text', 'text_aug', 'img': [N, D]}; the interest tables are the model's;
     text_aug: bool [B, L] positions whose text is the word-dropped feature (word drop) or None;
     img_seq_aug: the sequence the augmented copy takes its image side from."""
+    lookup_table = {m: getattr(model, f'{model._prefix(m)}_interest_lookup_table') for m in model.modalities}
     def pad(x):
         return F.pad(x, (0, pad_len - x.shape[1]))
     seq, seq_aug, img_seq_aug = pad(seq), pad(seq_aug), pad(img_seq_aug)
     text_aug = None if text_aug is None else pad(text_aug)
     mods = model.modalities
     raw = {m: tables[m][seq] for m in mods}
-    lookup = {m: interests.lookup[m][seq] for m in mods}
-    s, reg = seq_output(model, seq, lens, raw, lookup, interests.embeddings)
+    lookup = {m: lookup_table[m][seq] for m in mods}
+    s, reg = seq_output(model, seq, lens, raw, lookup, model.interest_embeddings)
     raw_aug, lookup_aug = {}, {}
     for m in mods:
         side = seq_aug if m == 'text' else img_seq_aug
         raw_aug[m] = tables[m][side]
         if m == 'text' and text_aug is not None:
             raw_aug[m] = torch.where(text_aug.unsqueeze(-1), tables['text_aug'][side], raw_aug[m])
-        lookup_aug[m] = interests.lookup[m][side]
-    s_aug, reg_aug = seq_output(model, seq_aug, lens_aug, raw_aug, lookup_aug, interests.embeddings)
+        lookup_aug[m] = lookup_table[m][side]
+    s_aug, reg_aug = seq_output(model, seq_aug, lens_aug, raw_aug, lookup_aug, model.interest_embeddings)
     return s, s_aug, reg + reg_aug
 
 

@@ -1,4 +1,4 @@
-"""Bad input stops finetune.py before anything is written, with one line that
+"""Bad input stops finetune.py (quick_start.main) before anything is written, with one line that
 names the file (row or key) and what was expected."""
 import os
 
@@ -6,26 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-import finetune
-from cluster_utils import discover_interests
+import quick_start
 from config import Config
 from missrec import MISSRec
-from tools.make_demo_data import write_downstream
 
-
-@pytest.fixture(scope='module')
-def clean(tmp_path_factory):
-    root = tmp_path_factory.mktemp('clean')
-    write_downstream(root, name='Demo', n_users=40, n_items=25, seed=5)
-    return root / 'Demo'
+DIM = 32
 
 
 @pytest.fixture
-def data(tmp_path, clean):
-    """A fresh copy of the clean dataset that a case may damage."""
+def data(tmp_path, demo):
+    """A fresh copy of the demo dataset that a case may damage."""
     folder = tmp_path / 'data' / 'Demo'
     folder.mkdir(parents=True)
-    for f in clean.iterdir():
+    for f in (demo / 'Demo').iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     return folder
 
@@ -33,8 +26,8 @@ def data(tmp_path, clean):
 def run(tmp_path, *args):
     argv = ['-d', 'Demo', f'--data_path={tmp_path}/data', f'--checkpoint_dir={tmp_path}/saved',
             f'--log_dir={tmp_path}/log', '--epochs=1', '--hidden_size=16', '--inner_size=16',
-            '--show_progress=False', '--use_gpu=False', *args]
-    return finetune.main(argv)
+            f'--plm_size={DIM}', f'--img_size={DIM}', '--show_progress=False', '--use_gpu=False', *args]
+    return quick_start.main('finetune', argv)
 
 
 def edit_line(path, n, fn):
@@ -43,7 +36,7 @@ def edit_line(path, n, fn):
     path.write_text('\n'.join(lines))
 
 
-def feat(path, dim=512):
+def feat(path, dim=DIM):
     return np.fromfile(path, dtype='<f4').reshape(-1, dim)
 
 
@@ -73,9 +66,9 @@ CASES = {
     'missing feature file': (lambda d: os.remove(d / 'Demo.feat3CLS'), [],
                              'Demo.feat3CLS: image feature file not found'),
     'feature size not a multiple': (lambda d: (d / 'Demo.feat1CLS').write_bytes(
-        (d / 'Demo.feat1CLS').read_bytes()[:-4]), [], 'is not a multiple of 512 float32 columns'),
-    'feature width differs from plm_size': (lambda d: None, ['--plm_size=256'],
-                                            'but the item map lists 25 items; check plm_size'),
+        (d / 'Demo.feat1CLS').read_bytes()[:-4]), [], f'is not a multiple of {DIM} float32 columns'),
+    'feature width differs from plm_size': (lambda d: None, [f'--plm_size={DIM // 2}'],
+                                            'but the item map lists 60 items; check plm_size'),
     'NaN feature': (lambda d: _poke(d / 'Demo.feat1CLS', np.nan), [], 'holds NaN or infinite values'),
     'infinite feature': (lambda d: _poke(d / 'Demo.feat3CLS', np.inf), [], 'holds NaN or infinite values'),
     'unknown key': (lambda d: None, ['--hiden_size=8'], "unknown config key 'hiden_size'; did you mean 'hidden_size'"),
@@ -134,8 +127,3 @@ def test_a_file_that_is_no_checkpoint(tmp_path, data, capsys):
     path.write_bytes(b'not a checkpoint')
     assert run(tmp_path, '-p', str(path)) == 2
     assert 'junk.pth' in capsys.readouterr().err
-
-
-def test_more_clusters_than_points():
-    with pytest.raises(ValueError, match='n_clusters'):
-        discover_interests(torch.randn(5, 3), 6)

@@ -1,12 +1,12 @@
-"""checkpoints.load_checkpoint: original-code checkpoints open without recbole and without running pickled code."""
+"""checkpoints.py: original-code checkpoints open without recbole and without running pickled code;
+our one format is written and resumed from; pre-trained weights load into a fine-tuning model."""
 import collections
-import enum
 import io
 import os
-import re
 import pickle
+import random
+import re
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,45 +14,16 @@ import torch
 import yaml
 
 import checkpoints
-from checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint, state_dict_of
-
-FAKE_MODULES = ('recbole', 'recbole.config', 'recbole.config.configurator', 'recbole.utils',
-                'recbole.utils.enum_type')
-
-
-def _install_fake_recbole():
-    """Throwaway stand-ins for the original's recbole classes, registered in sys.modules."""
-    mods = {name: types.ModuleType(name) for name in FAKE_MODULES}
-
-    class Config:
-        def __init__(self, final):
-            self.final_config_dict = final
-            self.parameters = {'General': ['seed']}
-            self.dataset = final['dataset']
-
-    Config.__module__ = 'recbole.config.configurator'
-    Config.__qualname__ = 'Config'
-
-    ModelType = enum.Enum('ModelType', [('GENERAL', 1), ('SEQUENTIAL', 2)], module='recbole.utils.enum_type')
-    InputType = enum.Enum('InputType', [('POINTWISE', 1), ('PAIRWISE', 2)], module='recbole.utils.enum_type')
-    mods['recbole.config.configurator'].Config = Config
-    mods['recbole.utils.enum_type'].ModelType = ModelType
-    mods['recbole.utils.enum_type'].InputType = InputType
-    for name, mod in mods.items():
-        assert name not in sys.modules
-        sys.modules[name] = mod
-    return Config, ModelType, InputType
-
-
-def _remove_fake_recbole():
-    for name in FAKE_MODULES:
-        sys.modules.pop(name, None)
-
+from checkpoints import (CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint, load_pretrained,
+                         resume_from, save_checkpoint, state_dict_of)
+from config import Config
+from missrec import MISSRec
 
 @pytest.fixture
-def original_checkpoint(tmp_path):
+def original_checkpoint(tmp_path, fake_recbole):
     """A .pth shaped like the original code's: a pickled recbole Config, enums, device, numpy scalars."""
-    Config, ModelType, InputType = _install_fake_recbole()
+    install, remove = fake_recbole
+    Config, ModelType, InputType = install()
     try:
         import missrec
         state = collections.OrderedDict([('text_adaptor.weight', torch.randn(4, 6)),
@@ -71,7 +42,7 @@ def original_checkpoint(tmp_path):
                     'state_dict': state, 'other_parameter': None,
                     'optimizer': {'state': {}, 'param_groups': [{'lr': 0.001, 'params': [0, 1]}]}}, path)
     finally:
-        _remove_fake_recbole()
+        remove()
     return path, state
 
 
@@ -98,20 +69,20 @@ def test_original_checkpoint_opens_without_recbole(original_checkpoint):
     assert state_dict_of(ckpt) is ckpt['state_dict']
 
 
-def test_config_without_final_dict_gives_its_recorded_state(tmp_path):
-    Config, ModelType, _ = _install_fake_recbole()
+def test_config_without_final_dict_gives_its_recorded_state(tmp_path, fake_recbole):
+    install, remove = fake_recbole
+    Config_, ModelType, _ = install()
     try:
-        c = Config.__new__(Config)
+        c = Config_.__new__(Config_)
         c.seed = 3
         c.kind = ModelType.GENERAL
         torch.save({'config': c, 'state_dict': {}}, tmp_path / 'c.pth')
     finally:
-        _remove_fake_recbole()
+        remove()
     assert load_checkpoint(tmp_path / 'c.pth')['config'] == {'seed': 3, 'kind': 'ModelType.GENERAL'}
 
 
 def test_our_checkpoint_loads_with_weights_only(tmp_path):
-    from trainer import atomic_save
     state = {'position_embedding.weight': torch.randn(50, 8)}
     atomic_save({'config': {'dataset': 'Demo', 'hidden_size': 8}, 'epoch': 2, 'state_dict': state}, str(tmp_path / 'o.pth'))
     ckpt = load_checkpoint(tmp_path / 'o.pth')
@@ -180,25 +151,23 @@ def test_inspect_checkpoint_refuses_unsafe_file_in_one_line(tmp_path, capsys):
     assert not (tmp_path / 'pwned').exists()
 
 
-def test_finetune_load_pretrained_reads_original_checkpoints(tmp_path):
-    """finetune.load_pretrained (-p) goes through load_checkpoint, so original pre-trained files load."""
-    import finetune
-    from config import Config
-    from missrec import MISSRec
+def test_load_pretrained_reads_original_checkpoints(tmp_path, fake_recbole):
+    """load_pretrained (-p) goes through load_checkpoint, so original pre-trained files load."""
+    install, remove = fake_recbole
     cfg = Config(overrides={'train_stage': 'pretrain', 'hidden_size': 16, 'inner_size': 16,
                             'plm_size': 8, 'img_size': 8})
     torch.manual_seed(0)
     source = MISSRec(cfg, 10)
-    Config_, ModelType, _ = _install_fake_recbole()
+    Config_, ModelType, _ = install()
     try:
         path = tmp_path / 'MISSRec-FHCKM_mm_full-100.pth'
         torch.save({'config': Config_({'dataset': 'FHCKM_mm_full', 'MODEL_TYPE': ModelType.SEQUENTIAL}),
                     'epoch': 99, 'state_dict': source.state_dict(), 'optimizer': {}}, path)
     finally:
-        _remove_fake_recbole()
+        remove()
     torch.manual_seed(1)
     target = MISSRec(cfg, 10)
-    finetune.load_pretrained(target, str(path), freeze=True)
+    load_pretrained(target, str(path), freeze=True)
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v), k
     assert not any(p.requires_grad for p in target.trm_model.parameters())
@@ -217,36 +186,174 @@ def test_state_cannot_be_set_on_classes():
     assert out['arr'].tolist() == [0, 1, 2]
 
 
-def test_legacy_torch_format(tmp_path):
-    Config_, ModelType, _ = _install_fake_recbole()
+def test_legacy_torch_format(tmp_path, fake_recbole):
+    install, remove = fake_recbole
+    Config_, ModelType, _ = install()
     try:
         sd = collections.OrderedDict([('w', torch.randn(3, 2)), ('b', torch.arange(4))])
         path = tmp_path / 'legacy.pth'
         torch.save({'config': Config_({'dataset': 'X', 'MODEL_TYPE': ModelType.SEQUENTIAL}), 'state_dict': sd},
                    path, _use_new_zipfile_serialization=False)
     finally:
-        _remove_fake_recbole()
+        remove()
     ckpt = load_checkpoint(path)
     assert ckpt['config'] == {'dataset': 'X', 'MODEL_TYPE': 'ModelType.SEQUENTIAL'}
     assert all(torch.equal(ckpt['state_dict'][k], v) for k, v in sd.items())
 
 
 def test_inspect_checkpoint_on_a_pretraining_checkpoint(tmp_path, capsys):
-    """The layout ddp_pretrain.py saves: config dict, epoch, next_epoch, world_size, rng_states."""
-    from config import Config
-    from missrec import MISSRec
+    """The one format, as pre-training writes it (no early-stopping state)."""
     from tools import inspect_checkpoint
-    from trainer import atomic_save
     cfg = Config(dataset='FHCKM_mm_full', overrides={'train_stage': 'pretrain', 'hidden_size': 16,
                                                      'inner_size': 16, 'plm_size': 8, 'img_size': 8})
     model = MISSRec(cfg, 10)
     path = str(tmp_path / 'MISSRec-FHCKM_mm_full-10.pth')
-    atomic_save({'config': cfg.to_dict(), 'epoch': 9, 'next_epoch': 10, 'world_size': 2,
-                 'state_dict': model.state_dict(), 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3}]},
-                 'rng_states': {'torch': torch.get_rng_state()}}, path)
+    save_checkpoint(path, cfg, 9, model, torch.optim.Adam(model.parameters()))
     assert inspect_checkpoint.main([path]) == 0
     out = capsys.readouterr().out
-    assert 'epoch: 9' in out and 'next_epoch: 10' in out and 'world_size: 2' in out
+    assert 'epoch: 9' in out
     assert re.search(r'\n  train_stage += pretrain\n', out) and 'other entries: optimizer, rng_states' in out
     n = sum(v.numel() for v in model.state_dict().values())
     assert f'parameters: {n:,} values' in out and 'buffers 0)' in out
+
+
+def test_inspect_checkpoint_on_a_finetuned_checkpoint(finetuned, capsys):
+    from tools import inspect_checkpoint
+    assert inspect_checkpoint.main([finetuned['checkpoint'], '--keys']) == 0
+    out = capsys.readouterr().out
+    assert 'written by: this project' in out and 'epoch: 0' in out
+    assert re.search(r'\n  dataset += Demo\n', out) and re.search(r'\n  hidden_size += 32\n', out)
+    assert 'interests: ' in out and 'item rows (incl. PAD): ' in out
+    assert 'interest_embeddings' in out and 'text_adaptor.weight' in out and '[32, 32]' in out
+    ckpt = torch.load(finetuned['checkpoint'], weights_only=True)
+    total = sum(v.numel() for v in ckpt['state_dict'].values())
+    assert f'parameters: {total:,} values in {len(ckpt["state_dict"])} tensors' in out
+
+
+# ------------------------------------------------------------------ our format
+def tiny_model(seed, **overrides):
+    torch.manual_seed(seed)
+    cfg = Config(dataset='Demo', overrides={'train_stage': 'pretrain', 'hidden_size': 16, 'inner_size': 16,
+                                            'n_heads': 2, 'plm_size': 8, 'img_size': 8, **overrides})
+    model = MISSRec(cfg, 10)
+    return cfg, model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
+def test_a_checkpoint_resumes_model_optimizer_random_states_and_extra_state(tmp_path):
+    cfg, model, opt = tiny_model(0)
+    model.text_adaptor(torch.randn(3, 8)).sum().backward()
+    opt.step()                                                   # optimizer state to restore
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    path = tmp_path / 'c.pth'
+    save_checkpoint(path, cfg, 4, model, opt, cur_step=2, best_valid_score=0.5)
+    after = (random.random(), float(np.random.rand()), torch.rand(3))   # what the run draws next
+    assert not [p for p in os.listdir(tmp_path) if p != 'c.pth']  # the temporary file is gone
+
+    _, other, other_opt = tiny_model(1)
+    ckpt = resume_from(path, other, other_opt, torch.device('cpu'), 'a test checkpoint')
+    assert ckpt['epoch'] == 4 and ckpt['cur_step'] == 2 and ckpt['best_valid_score'] == 0.5
+    assert ckpt['config']['hidden_size'] == 16 and len(ckpt['rng_states']) == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    moments = opt.state_dict()['state']
+    assert moments and all(torch.equal(other_opt.state_dict()['state'][i]['exp_avg'], m['exp_avg'])
+                           for i, m in moments.items())
+    assert (random.random(), float(np.random.rand())) == after[:2] and torch.equal(torch.rand(3), after[2])
+
+
+def test_resuming_from_what_is_no_checkpoint_of_the_stage_is_named(tmp_path):
+    cfg, model, opt = tiny_model(0)
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'weights.pth')
+    with pytest.raises(CheckpointError, match=r'weights\.pth: not a checkpoint to resume from \(expected X\)'):
+        resume_from(tmp_path / 'weights.pth', model, opt, torch.device('cpu'), 'X')
+    save_checkpoint(tmp_path / 'pre.pth', cfg, 0, model, opt)
+    with pytest.raises(CheckpointError, match='expected a fine-tuning one'):
+        resume_from(tmp_path / 'pre.pth', model, opt, torch.device('cpu'), 'a fine-tuning one',
+                    required=('best_model_file',))
+
+
+def test_random_states_of_another_number_of_processes_are_not_restored(tmp_path, caplog):
+    cfg, model, opt = tiny_model(0)
+    save_checkpoint(tmp_path / 'c.pth', cfg, 0, model, opt)
+    ckpt = torch.load(tmp_path / 'c.pth', weights_only=True)
+    ckpt['rng_states'] = ckpt['rng_states'] * 2                   # as if written by 2 processes
+    torch.save(ckpt, tmp_path / 'two.pth')
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    with caplog.at_level('WARNING'):
+        resume_from(tmp_path / 'two.pth', model, opt, torch.device('cpu'), 'X')
+    assert torch.equal(torch.rand(2), expected)                   # this process's stream kept
+    assert 'written by 2 processes, now 1: random states not restored' in caplog.text
+
+
+def test_cuda_random_states_of_another_gpu_count_restore_what_fits(monkeypatch, caplog):
+    """A checkpoint written where 3 GPUs were visible, resumed with 1: the first state is
+    restored, as a CPU tensor, and one warning says so (set_rng_state_all raised IndexError)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: calls.append((state, device)))
+    monkeypatch.setattr(checkpoints, '_WARNED_GPU_COUNT', False)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: saved)
+    state = checkpoints.rng_state()
+    caplog.set_level('WARNING')
+    checkpoints.set_rng_state(state)
+    checkpoints.set_rng_state(state)
+    assert [(int(s[0]), d) for s, d in calls] == [(0, 0), (0, 0)] and all(s.device.type == 'cpu' for s, _ in calls)
+    warnings = [r.message for r in caplog.records if 'random states of 3 GPUs' in r.message]
+    assert warnings == ['the checkpoint holds the random states of 3 GPUs, 1 visible now: restoring 1']
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_random_states_restore_after_a_cuda_map_location(tmp_path):
+    """--resume on a GPU loads with map_location=cuda, which moves the saved generator states there."""
+    torch.save({'rng': checkpoints.rng_state()}, tmp_path / 'state.pth')
+    state = torch.load(tmp_path / 'state.pth', map_location='cuda', weights_only=True)['rng']
+    assert state['cuda'][0].is_cuda
+    checkpoints.set_rng_state(state)
+    a = torch.rand(5, device='cuda')
+    checkpoints.set_rng_state(state)
+    assert torch.equal(a, torch.rand(5, device='cuda'))
+
+
+# ------------------------------------------------------------- pre-trained
+def test_scientific_sized_frozen_model_has_1624201_trainable_parameters(tmp_path):
+    n_items = 4386
+    pretrain = MISSRec(Config(overrides={'train_stage': 'pretrain'}), n_items)
+    path = tmp_path / 'pt.pth'
+    torch.save({'state_dict': pretrain.state_dict()}, path)
+    plm = torch.randn(n_items, 512)
+    model = MISSRec(Config(), n_items, plm, plm.clone())
+    load_pretrained(model, str(path), freeze=True)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_624_201
+    assert torch.equal(model.trm_model.encoder.layers[0].linear1.weight,
+                       pretrain.trm_model.encoder.layers[0].linear1.weight)
+    unfrozen = MISSRec(Config(), n_items, plm, plm.clone())
+    load_pretrained(unfrozen, str(path), freeze=False)               # finetune.py -p ... --no-freeze
+    assert all(p.requires_grad for n, p in unfrozen.named_parameters() if 'plm_embedding' not in n
+               and 'img_embedding' not in n)
+    # the original's log of run01 on Scientific_mm_full: "Trainable parameters: 3035313.0"
+    assert sum(p.numel() for p in unfrozen.parameters() if p.requires_grad) == 3_035_313
+
+
+def test_interest_tables_of_the_pretrained_checkpoint_are_not_loaded(tmp_path):
+    """The pre-training model holds its interest tables (its own items, interest_ratio 0.02) but does
+    not save them; a checkpoint that holds tables of other sizes still loads, without them."""
+    cfg = dict(hidden_size=16, inner_size=16, n_heads=2, plm_size=8, img_size=8)
+    source = MISSRec(Config(overrides={'train_stage': 'pretrain', 'interest_ratio': 0.02, **cfg}), 40)
+    assert source.interest_embeddings.shape == (3, 16) and 'interest_embeddings' not in source.state_dict()
+    state = dict(source.state_dict(), interest_embeddings=torch.ones(3, 16),
+                 plm_interest_lookup_table=torch.ones(40, dtype=torch.long))
+    torch.save({'state_dict': state}, tmp_path / 'pt.pth')
+    table = torch.randn(12, 8)
+    target = MISSRec(Config(overrides=cfg), 12, table, table.clone())
+    assert target.interest_embeddings.shape == (12, 16)              # ceil(2 * 11 * 0.5) + 1
+    lines = load_pretrained(target, str(tmp_path / 'pt.pth'), freeze=True)
+    assert not target.interest_embeddings.any() and not target.plm_interest_lookup_table.any()
+    assert torch.equal(target.text_adaptor.weight, source.text_adaptor.weight)
+    assert lines[-1] == ("interest tables of the checkpoint (rebuilt by interest discovery): "
+                         "['interest_embeddings', 'plm_interest_lookup_table']")

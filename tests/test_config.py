@@ -48,19 +48,3 @@ def test_overrides_must_look_like_key_value():
 def test_bad_gpu_id_is_named(value):
     with pytest.raises(ConfigError, match=r"gpu_id = .*expected GPU indices like 0 or '0,1'"):
         Config(overrides={'gpu_id': value})
-
-
-def test_gpu_id_selects_the_visible_devices_as_recbole_did(monkeypatch):
-    import torch
-    import distributed as D
-    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: False)   # (earlier CUDA tests may have started it)
-    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5')
-    D.select_gpus(Config()['gpu_id'], True)                     # not given: the inherited value stays
-    assert os.environ['CUDA_VISIBLE_DEVICES'] == '5'
-    D.select_gpus(Config(overrides=parse_overrides(['--gpu_id=1,2']))['gpu_id'], False)   # CPU run: ignored
-    assert os.environ['CUDA_VISIBLE_DEVICES'] == '5'
-    D.select_gpus(Config(overrides=parse_overrides(['--gpu_id=1,2']))['gpu_id'], True)
-    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1,2'
-    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
-    with pytest.raises(ConfigError, match='gpu_id = 3: CUDA is already initialised'):
-        D.select_gpus(3, True)

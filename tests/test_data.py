@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+import quick_start
 from config import Config
+from data import INTER_HEADER
 from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
 
-HEADER = 'user_id:token\titem_id_list:token_seq\titem_id:token\n'
+HEADER = INTER_HEADER + '\n'
 
 
 def write_dataset(root, name='Tiny', train=(), valid=(), test=(), n_rows=10, dim=4, empty_text=(), empty_img=()):
@@ -63,6 +65,19 @@ def test_histories_keep_the_last_50_items_with_one_warning(tmp_path, caplog):
     assert ds.pad_len == 50
 
 
+def test_the_warning_reaches_the_log_of_the_run(tmp_path):
+    """Read (and warned about) before the log file exists; the run's log has the warning."""
+    long_hist = [str(i % 9 + 1) for i in range(60)]
+    cfg = write_dataset(tmp_path, train=[('0', long_hist, '1'), ('1', long_hist[:3], '2')],
+                        valid=[('0', ['1'], '2')], test=[('0', ['1', '2'], '3')])
+    for key, value in dict(log_dir=str(tmp_path / 'log'), checkpoint_dir=str(tmp_path / 'saved'), epochs=1,
+                           hidden_size=8, inner_size=8, n_heads=2, use_gpu=False, show_progress=False).items():
+        cfg[key] = value
+    log = open(quick_start.finetune(cfg)['log']).read()
+    assert 'WARNING  1 histories are longer than MAX_ITEM_LIST_LENGTH = 50' in log
+    assert log.index('histories are longer') < log.index('epoch 0 training')
+
+
 @pytest.mark.parametrize('content,message', [
     ('user\titems\titem\n', 'line 1: expected header'),
     (HEADER + '0\t1 2\n', 'line 2: expected 3 tab-separated columns, got 2'),
@@ -83,16 +98,33 @@ def test_feature_file_of_the_wrong_width_is_named(tmp_path):
         SeqDataset(cfg)
 
 
-def test_batches_trim_padding_and_shuffle_by_epoch(tmp_path):
+def test_batches_trim_padding():
     split = {'item_seq': torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 0], [7, 0, 0]]),
              'item_seq_len': torch.tensor([3, 1, 2, 1]), 'item_id': torch.tensor([1, 2, 3, 4])}
     ordered = list(SeqBatches(split, 2))
+    assert ordered[0]['item_seq'].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert ordered[1]['item_seq'].tolist() == [[5, 6], [7, 0]]
-    shuffled = SeqBatches(split, 2, shuffle=True, seed=1)
-    shuffled.set_epoch(0)
-    a = torch.cat([b['item_id'] for b in shuffled])
-    assert sorted(a.tolist()) == [1, 2, 3, 4]
-    shuffled.set_epoch(0)
-    assert torch.equal(a, torch.cat([b['item_id'] for b in shuffled]))
     shards = [torch.cat([b['item_id'] for b in SeqBatches(split, 4, rank=r, world_size=2)]) for r in (0, 1)]
     assert shards[0].tolist() == [1, 3] and shards[1].tolist() == [2, 4]
+
+
+def test_training_batches_are_shuffled_anew_each_epoch_and_reproducibly():
+    """Epoch e draws its order from seed + e: a new order each epoch, the same order whenever
+    epoch e is run again (a resumed run), whatever ran before."""
+    n = 20
+    split = {'item_seq': torch.arange(1, n + 1).view(n, 1), 'item_seq_len': torch.ones(n, dtype=torch.long),
+             'item_id': torch.arange(1, n + 1)}
+
+    def epoch_order(batches, epoch):
+        batches.set_epoch(epoch)
+        return [int(i) for b in batches for i in b['item_id']]
+
+    train = SeqBatches(split, 6, shuffle=True, seed=1)
+    first, second = epoch_order(train, 0), epoch_order(train, 1)
+    assert sorted(first) == sorted(second) == list(range(1, n + 1))
+    assert first != list(range(1, n + 1))                              # shuffled ...
+    assert second != first                                             # ... anew each epoch
+    assert epoch_order(train, 1) == second and epoch_order(train, 0) == first
+    assert epoch_order(SeqBatches(split, 6, shuffle=True, seed=1), 1) == second   # nothing carried over
+    assert epoch_order(SeqBatches(split, 6, shuffle=True, seed=2), 1) != second   # the seed counts
+    assert epoch_order(SeqBatches(split, 6), 1) == list(range(1, n + 1))          # evaluation: file order

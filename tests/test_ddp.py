@@ -1,7 +1,7 @@
 """Multi-process training on the CPU: 2 gloo workers compared with one process (STYLE, "Distributed training").
 
 Workers are started with `torch.multiprocessing.spawn` (as `python ddp_pretrain.py --nproc 2` does);
-each writes its values to a file that the test compares.
+each writes its values to a file that the test compares. Also distributed.py's device and launch helpers.
 """
 import os
 import pathlib
@@ -11,17 +11,15 @@ import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-import ddp_finetune
 import distributed as D
-import finetune
-from config import Config, stage_files
+import quick_start
+from config import Config, ConfigError, parse_overrides, stage_files
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
-from ddp_pretrain import Pretrainer
 from distributed import spawn
-from tools.make_demo_data import write_downstream, write_pretrain
-from trainer import Trainer, init_seed, run_interest_discovery
+from trainer import Pretrainer, Trainer, init_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'plm_size': 32, 'img_size': 32, 'hidden_size': 32, 'inner_size': 32, 'n_heads': 2,
@@ -29,20 +27,18 @@ TINY = {'plm_size': 32, 'img_size': 32, 'hidden_size': 32, 'inner_size': 32, 'n_
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('ddp')
-    write_pretrain(root / 'pre', name='DemoPT', n_users_per_domain=40, n_items_per_domain=40, dim=32, seed=7)
-    write_downstream(root / 'down', name='Demo', n_users=150, n_items=60, dim=32, seed=7)
-    return root
+def data(demo, demo_pretrain):
+    """{'pre': pre-training data_path, 'down': fine-tuning data_path}."""
+    return {'pre': demo_pretrain, 'down': demo}
 
 
-def pretrain_config(root, **kw):
-    return Config('DemoPT', stage_files('pretrain'), {'data_path': str(root / 'pre'), 'train_stage': 'pretrain',
+def pretrain_config(data, **kw):
+    return Config('DemoPT', stage_files('pretrain'), {'data_path': str(data['pre']), 'train_stage': 'pretrain',
                                                       'train_batch_size': 63, **TINY, **kw})
 
 
-def finetune_config(root, tmp, **kw):
-    return Config('Demo', stage_files('finetune'), {'data_path': str(root / 'down'), 'eval_batch_size': 49,
+def finetune_config(data, tmp, **kw):
+    return Config('Demo', stage_files('finetune'), {'data_path': str(data['down']), 'eval_batch_size': 49,
                                                     'train_batch_size': 101, 'checkpoint_dir': str(tmp),
                                                     **TINY, **kw})
 
@@ -62,47 +58,40 @@ def pretrain_steps(cfg, n_steps=3):
     trainer.model.train()
     batches = iter(trainer.batches)
     out = {'loss': trainer.step(next(batches))}
-    out['grads'] = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters() if p.grad is not None}
+    out['grads'] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     for _ in range(n_steps - 1):
         trainer.step(next(batches))
-    out['params'] = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
-    return out
-
-
-def finetune_eval_and_epoch(cfg, sharded):
-    """Valid metrics of the initial model (after interest discovery), then parameters after one epoch."""
-    device = torch.device('cpu')
-    if sharded:
-        _, trainer, batches = ddp_finetune.build_trainer(cfg, device)
-        valid, train = batches['valid'], batches['train']
-    else:
-        init_seed(cfg['seed'])
-        dataset, model, _ = finetune.build(cfg, device)
-        trainer = Trainer(cfg, model, device)
-        valid = SeqBatches(dataset.splits['valid'], cfg['eval_batch_size'], pad_len=dataset.pad_len)
-        train = SeqBatches(dataset.splits['train'], cfg['train_batch_size'], shuffle=True, seed=cfg['seed'],
-                           pad_len=dataset.pad_len)
-    run_interest_discovery(trainer.model, cfg, 0)
-    out = {'valid': trainer.evaluate(valid)}
-    trainer.model.train()
-    loss = trainer.loss_fn(next(iter(train)))                     # first batch: loss and gradients
-    loss.backward()
-    out['first_loss'] = loss.item()
-    out['grads'] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.optimizer.zero_grad(set_to_none=True)
-    out['loss'] = trainer._train_epoch(train, 0)
     out['params'] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     return out
 
 
-def _worker(index, nproc, port, root, out_dir):
+def finetune_eval_and_epoch(cfg):
+    """Valid metrics of the initial model (after interest discovery), the loss and gradients of the first
+    training step, then the loss of one epoch and the parameters after it (one process or this one's share)."""
+    device = torch.device('cpu')
+    init_seed(cfg['seed'])
+    dataset, model, _ = quick_start.build_finetune(cfg, device)
+    trainer = Trainer(cfg, model, device)
+    shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
+    valid = SeqBatches(dataset.splits['valid'], cfg['eval_batch_size'], **shard)
+    train = SeqBatches(dataset.splits['train'], cfg['train_batch_size'], shuffle=True, seed=cfg['seed'], **shard)
+    trainer.discover(0)
+    out = {'valid': trainer.evaluate(valid)}
+    trainer.model.train()
+    out['first_loss'] = trainer.step(next(iter(train)))               # first batch: loss and gradients
+    out['grads'] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    out['loss'] = trainer.train_epoch(train, 0)
+    out['params'] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return out
+
+
+def _worker(index, nproc, port, data, out_dir):
     _start(index, nproc, port)
-    root = pathlib.Path(root)
     try:
-        res = {'pretrain': pretrain_steps(pretrain_config(root)),
-               'pretrain_local': pretrain_steps(pretrain_config(root, contrastive_negatives='local',
+        res = {'pretrain': pretrain_steps(pretrain_config(data)),
+               'pretrain_local': pretrain_steps(pretrain_config(data, contrastive_negatives='local',
                                                                 item_mm_fusion='dynamic_instance'), 2),
-               'finetune': finetune_eval_and_epoch(finetune_config(root, out_dir), sharded=True)}
+               'finetune': finetune_eval_and_epoch(finetune_config(data, out_dir))}
         torch.save(res, os.path.join(out_dir, f'rank{index}.pt'))
     finally:
         D.teardown()
@@ -111,7 +100,7 @@ def _worker(index, nproc, port, root, out_dir):
 @pytest.fixture(scope='module')
 def two_ranks(data, tmp_path_factory):
     out = tmp_path_factory.mktemp('ranks')
-    spawn(_worker, 2, str(data), str(out))
+    spawn(_worker, 2, data, str(out))
     return [torch.load(out / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
 
 
@@ -138,7 +127,7 @@ def test_global_negatives_match_one_process_with_the_whole_batch(two_ranks, data
 def test_sharded_evaluation_equals_single_process_exactly(two_ranks, data, tmp_path):
     """150 valid rows in batches of 49: shards of 25/24 rows, and a last batch of 3 rows."""
     torch.set_num_threads(1)
-    single = finetune_eval_and_epoch(finetune_config(data, tmp_path), sharded=False)
+    single = finetune_eval_and_epoch(finetune_config(data, tmp_path))
     for r in (0, 1):
         assert two_ranks[r]['finetune']['valid'] == single['valid']
     # sharded training: the loss and the synchronised gradients of a batch are the single-process ones
@@ -150,28 +139,28 @@ def test_sharded_evaluation_equals_single_process_exactly(two_ranks, data, tmp_p
     assert multi['loss'] == pytest.approx(single['loss'], rel=1e-3)
 
 
-def _fail_on_rank_1(args, rest):
+def _fail_on_rank_1(config, resume):
     if D.rank() == 1:
         raise ValueError('rank 1 fails on purpose')
     D.barrier()                                              # rank 0 would wait here forever
 
 
 def _failing(index, nproc, port):
-    import ddp_pretrain
-    ddp_pretrain.run = lambda config, resume: _fail_on_rank_1(None, None)
-    D.run_as_rank(index, nproc, port, ddp_pretrain.process_main, *ddp_pretrain.parse_args(['--use_gpu=False']))
+    config = quick_start.build_config('pretrain', *quick_start.parse_args('pretrain', ['--use_gpu=False']))
+    D.run_as_rank(index, nproc, port, quick_start.process_main, _fail_on_rank_1, config)
 
 
 def test_a_failing_rank_stops_the_job_with_its_error(capfd):
     start = time.time()
-    with pytest.raises(Exception):                           # the job stops instead of hanging ...
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)):   # the job stops instead of hanging ...
         spawn(_failing, 2)
     assert time.time() - start < 60
-    assert 'rank 1 fails on purpose' in capfd.readouterr().err   # ... and the rank's error is shown
+    err = capfd.readouterr().err
+    assert 'rank 1 failed:' in err and 'ValueError: rank 1 fails on purpose' in err   # ... and the rank's error is shown
 
 
 def test_cli_two_cpu_processes(data, tmp_path):
-    cmd = [sys.executable, 'ddp_pretrain.py', '--nproc', '2', '-d', 'DemoPT', f'--data_path={data}/pre',
+    cmd = [sys.executable, 'ddp_pretrain.py', '--nproc', '2', '-d', 'DemoPT', f"--data_path={data['pre']}",
            '--use_gpu=False', '--pretrain_epochs=1', '--save_step=1', '--train_batch_size=128',
            f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', '--show_progress=False',
            *[f'--{k}={v}' for k, v in TINY.items() if k not in ('use_gpu', 'show_progress')]]
@@ -191,18 +180,17 @@ def test_every_rank_gets_the_same_batches(n, batch, w):
     every row, with a dummy row for a rank that has none."""
     split = {'item_id': torch.arange(1, n + 1), 'item_seq': torch.ones(n, 3, dtype=torch.long),
              'item_seq_len': torch.full((n,), 2)}
-    train = [list(ddp_finetune.ShardedBatches(split, batch, shuffle=True, seed=1, rank=r, world_size=w))
-             for r in range(w)]
+    train = [list(SeqBatches(split, batch, shuffle=True, seed=1, rank=r, world_size=w)) for r in range(w)]
     assert len({len(b) for b in train}) == 1 and len(train[0]) == n // batch
     assert all(len(b['item_id']) and not b.get('dummy') for rank in train for b in rank)
-    evaluation = [list(ddp_finetune.ShardedBatches(split, batch, rank=r, world_size=w)) for r in range(w)]
+    evaluation = [list(SeqBatches(split, batch, rank=r, world_size=w)) for r in range(w)]
     assert {len(b) for b in evaluation} == {-(-n // batch)}
     real = torch.cat([b['item_id'] for rank in evaluation for b in rank if not b.get('dummy')])
     assert sorted(real.tolist()) == list(range(1, n + 1))
 
 
 def _finetune_cli(data, tmp_path, *extra):
-    cmd = [sys.executable, 'ddp_finetune.py', '--nproc', '2', '-d', 'Demo', f'--data_path={data}/down',
+    cmd = [sys.executable, 'ddp_finetune.py', '--nproc', '2', '-d', 'Demo', f"--data_path={data['down']}",
            '--use_gpu=False', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
            *[f'--{k}={v}' for k, v in TINY.items() if k != 'use_gpu'], *extra]
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -213,7 +201,7 @@ def _finetune_cli(data, tmp_path, *extra):
 
 
 def test_cli_finetuning_with_a_last_batch_smaller_than_the_processes(data, tmp_path):
-    n_train = len(open(data / 'down' / 'Demo' / 'Demo.train.inter').readlines()) - 1
+    n_train = len(open(data['down'] / 'Demo' / 'Demo.train.inter').readlines()) - 1
     proc = _finetune_cli(data, tmp_path, '--epochs=2', f'--train_batch_size={n_train - 1}',
                          '--eval_batch_size=149')                     # 150 valid rows: a 1-row last batch too
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -252,11 +240,10 @@ def test_process_device_wraps_around_the_visible_gpus(gpus, monkeypatch):
 def test_more_processes_than_gpus_is_refused_in_one_line(gpus, capsys):
     gpus(2)
     assert D.resolve_nproc(0, True) == 2 and D.resolve_nproc(2, True) == 2 and D.resolve_nproc(3, False) == 3
-    import ddp_pretrain
-    assert ddp_pretrain.main(['--nproc', '3']) == 2
+    assert quick_start.main('pretrain', ['--nproc', '3'], nproc=0) == 2       # ddp_pretrain.py --nproc 3
     assert capsys.readouterr().err == ('error: --nproc 3: only 2 GPU(s) visible; use --nproc 2 or fewer, '
                                        'or --use_gpu=False for CPU processes\n')
-    assert ddp_finetune.main(['--nproc', '4']) == 2
+    assert quick_start.main('finetune', ['--nproc', '4']) == 2
     assert 'error: --nproc 4: only 2 GPU(s) visible' in capsys.readouterr().err
 
 
@@ -274,3 +261,17 @@ def test_nccl_group_is_bound_to_the_process_gpu(gpus, monkeypatch):
     assert calls['set_device'] == torch.device('cuda', 1)
     assert calls['init']['backend'] == 'nccl' and calls['init']['device_id'] == torch.device('cuda', 1)
     assert calls['group'] == {'backend': 'nccl'}
+
+
+def test_gpu_id_selects_the_visible_devices_as_recbole_did(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: False)   # (earlier CUDA tests may have started it)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '5')
+    D.select_gpus(Config()['gpu_id'], True)                     # not given: the inherited value stays
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '5'
+    D.select_gpus(Config(overrides=parse_overrides(['--gpu_id=1,2']))['gpu_id'], False)   # CPU run: ignored
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '5'
+    D.select_gpus(Config(overrides=parse_overrides(['--gpu_id=1,2']))['gpu_id'], True)
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '1,2'
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    with pytest.raises(ConfigError, match='gpu_id = 3: CUDA is already initialised'):
+        D.select_gpus(3, True)

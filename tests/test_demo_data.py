@@ -7,8 +7,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from data import INTER_HEADER
 from tools.make_demo_data import (
-    INTER_HEADER,
     TEXT_HEADER,
     generate_downstream,
     make_world,
@@ -28,7 +28,7 @@ def read_inter(path):
     assert raw.endswith(b"\n")
     text = raw.decode("utf-8")
     lines = text.split("\n")[:-1]
-    assert lines[0] + "\n" == INTER_HEADER
+    assert lines[0] == INTER_HEADER
     rows = []
     for ln in lines[1:]:
         parts = ln.split("\t")
@@ -47,18 +47,15 @@ def read_feat(path):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds")
-    folder, data = write_downstream(str(out), name="Demo", seed=7, return_data=True, **SMALL)
-    return folder, data
+def small(make_demo):
+    root, data = make_demo(name="Demo", seed=7, **SMALL)
+    return str(root / "Demo"), data
 
 
 @pytest.fixture(scope="module")
-def small_pt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pt")
-    folder, data = write_pretrain(str(out), name="DemoPT", domains=("DemoA", "DemoB", "DemoC"),
-                                  seed=7, return_data=True, **SMALL_PT)
-    return folder, data
+def small_pt(make_demo):
+    root, data = make_demo("pretrain", name="DemoPT", domains=("DemoA", "DemoB", "DemoC"), seed=7, **SMALL_PT)
+    return str(root / "DemoPT"), data
 
 
 def test_files_and_headers(small):

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import tests.reference as ref
 from config import Config
-from finetune import load_pretrained
 from missrec import MISSRec, unique_interests
 
 N = 40
@@ -187,25 +186,6 @@ def test_state_dict_with_the_original_names_loads_strictly():
     other = small_model(seed=5)
     result = model.load_state_dict({k: other.state_dict()[k] for k in ORIGINAL_KEYS}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-
-
-def test_scientific_sized_frozen_model_has_1624201_trainable_parameters(tmp_path):
-    n_items = 4386
-    pretrain = MISSRec(Config(overrides={'train_stage': 'pretrain'}), n_items)
-    path = tmp_path / 'pt.pth'
-    torch.save({'state_dict': pretrain.state_dict()}, path)
-    plm = torch.randn(n_items, 512)
-    model = MISSRec(Config(), n_items, plm, plm.clone())
-    load_pretrained(model, str(path), freeze=True)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_624_201
-    assert torch.equal(model.trm_model.encoder.layers[0].linear1.weight,
-                       pretrain.trm_model.encoder.layers[0].linear1.weight)
-    unfrozen = MISSRec(Config(), n_items, plm, plm.clone())
-    load_pretrained(unfrozen, str(path), freeze=False)               # finetune.py -p ... --no-freeze
-    assert all(p.requires_grad for n, p in unfrozen.named_parameters() if 'plm_embedding' not in n
-               and 'img_embedding' not in n)
-    # the original's log of run01 on Scientific_mm_full: "Trainable parameters: 3035313.0"
-    assert sum(p.numel() for p in unfrozen.parameters() if p.requires_grad) == 3_035_313
 
 
 def test_initialisation_follows_the_original_base():

@@ -1,17 +1,21 @@
-"""Pre-training (one process, CPU): data, augmentation, losses, resume, and transfer to fine-tuning."""
+"""Pre-training (one process, CPU): data, augmentation, losses, the loop (trainer.Pretrainer), resume,
+and transfer to fine-tuning."""
 import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-import ddp_pretrain
-import finetune
+import quick_start
+import tests.reference as ref
 from config import Config, stage_files
 from data.dataset import DataError
-from data.pretrain import PretrainBatches, PretrainDataset, build_batch, draw_augmentation, item_drop
-from tools.make_demo_data import write_downstream, write_pretrain
+from data.pretrain import PretrainBatches, PretrainDataset, batch_seed, build_batch, draw_augmentation, item_drop
+from missrec import MISSRec
+from trainer import Pretrainer
 
 # the CPU even where a GPU is present: resumed runs are compared bit for bit
 TINY = ['--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32', '--n_heads=2',
@@ -27,10 +31,8 @@ def one_thread():
 
 
 @pytest.fixture(scope='module')
-def pre(tmp_path_factory):
-    root = tmp_path_factory.mktemp('pre')
-    write_pretrain(root, name='DemoPT', n_users_per_domain=40, n_items_per_domain=40, dim=32, seed=7)
-    return root
+def pre(demo_pretrain):
+    return demo_pretrain
 
 
 def config(root, **kw):
@@ -39,10 +41,14 @@ def config(root, **kw):
     return Config('DemoPT', stage_files('pretrain'), over)
 
 
+def arguments(root, tmp, *extra):
+    return ['-d', 'DemoPT', f'--data_path={root}', f'--checkpoint_dir={tmp}/saved', f'--log_dir={tmp}/log',
+            *TINY, *extra]
+
+
 def pretrain(root, tmp, *extra, resume=''):
-    args, rest = ddp_pretrain.parse_args(['-d', 'DemoPT', f'--data_path={root}', f'--checkpoint_dir={tmp}/saved',
-                                          f'--log_dir={tmp}/log', *TINY, *extra])
-    return ddp_pretrain.run(ddp_pretrain.build_config(args, rest), resume)
+    config = quick_start.build_config('pretrain', *quick_start.parse_args('pretrain', arguments(root, tmp, *extra)))
+    return quick_start.pretrain(config, resume)
 
 
 # ------------------------------------------------------------------- data
@@ -54,10 +60,11 @@ def test_dataset_numbers_items_globally(pre):
     # item i's row is the feature row of its token in its domain's file
     i = 5
     d, r = map(int, ds.item_tokens[i - 1].split('-'))
-    import numpy as np
     raw = np.fromfile(os.path.join(pre, 'DemoPT', f'{ds.domains[d]}.feat3CLS'), dtype='<f4').reshape(-1, 32)
     assert torch.equal(ds.tables['img'][i], torch.from_numpy(raw[r]))
-    assert ds.interests.num_interest == max(-(-2 * (ds.n_items - 1) * 2 // 100), 1)   # ceil(M(N-1)*0.02)
+    model = MISSRec(config(pre), ds.n_items)                        # the interest tables are the model's
+    assert model.num_interest == max(-(-2 * (ds.n_items - 1) * 2 // 100), 1)           # ceil(M(N-1)*0.02)
+    assert model.plm_interest_lookup_table.shape == (ds.n_items,)
 
 
 def broken_copy(pre, tmp_path):
@@ -109,8 +116,8 @@ def test_draw_augmentation_keeps_padding_and_first_item():
 
 def test_quirk_keeps_unaugmented_image_side(pre):
     ds = PretrainDataset(config(pre))
-    ds.interests.set(torch.arange(2 * (ds.n_items - 1)) % ds.interests.num_interest,
-                     torch.randn(ds.interests.num_interest, 32))
+    model = MISSRec(config(pre), ds.n_items)
+    model.set_interests(torch.arange(2 * (ds.n_items - 1)) % model.num_interest, torch.randn(model.num_interest, 32))
     rows = torch.arange(16)
     split = ds.split
     lens = split['item_seq_len'][rows]
@@ -130,9 +137,13 @@ def test_quirk_keeps_unaugmented_image_side(pre):
     assert torch.equal(fixed['index_aug']['img'], fixed['index_aug']['text'])
     assert torch.equal(quirk['index_aug']['img'], quirk['index']['img'])
     assert torch.equal(quirk['empty_aug']['img'], quirk['empty']['img'])
+    assert torch.equal(quirk['modal_seq_aug']['img'], seq) and torch.equal(quirk['modal_seq_aug']['text'], quirk['item_seq_aug'])
+    assert torch.equal(fixed['modal_seq_aug']['img'], fixed['item_seq_aug'])
+    # the interests the model looks up for the augmented copy: the image block is the un-augmented one
     L = seq.shape[1]
-    assert torch.equal(quirk['interest_ids_aug'][:, L:], quirk['interest_ids'][:, L:])
-    assert not torch.equal(fixed['interest_ids_aug'][:, L:], fixed['interest_ids'][:, L:])
+    ids = {q: (model.interest_ids(out[q]['item_seq']), model.interest_ids(out[q]['modal_seq_aug'])) for q in out}
+    assert torch.equal(ids[True][1][:, L:], ids[True][0][:, L:])
+    assert not torch.equal(ids[False][1][:, L:], ids[False][0][:, L:])
 
 
 # ----------------------------------------------------------------- training
@@ -147,11 +158,31 @@ def test_pretraining_variants_run(pre, tmp_path, extra):
     assert ckpt['config']['train_stage'] == 'pretrain'
 
 
-def test_quirk_switch_changes_training(pre, tmp_path):
-    a = pretrain(pre, tmp_path / 'a', '--pretrain_epochs=1', '--train_batch_size=128', '--hidden_dropout_prob=0')
-    b = pretrain(pre, tmp_path / 'b', '--pretrain_epochs=1', '--train_batch_size=128', '--hidden_dropout_prob=0',
-                 '--item_drop_quirk=False')
-    assert a['losses'][0] != b['losses'][0]
+@pytest.mark.parametrize('quirk', [True, False])
+def test_the_quirk_switch_reaches_the_training_step(pre, quirk):
+    """The first training step of epoch 0 trains on the first global batch, item-dropped as the switch
+    says (SPEC 3.4 QUIRK: the dropped item overwrites the kept one; the image side stays)."""
+    cfg = config(pre, hidden_dropout_prob=0.0, item_drop_quirk=quirk, item_drop_coefficient=1.0, train_batch_size=64)
+    trainer = Pretrainer(cfg, PretrainDataset(cfg), torch.device('cpu'))
+    trainer.discover(0)
+    trainer.batches.set_epoch(0)
+    batch = next(iter(trainer.batches))
+    split = trainer.dataset.split
+    rows = trainer.batches.order()[:64]
+    lens = split['item_seq_len'][rows]
+    seq = split['item_seq'][rows, :int(lens.max())]
+
+    def draw(q):   # the augmentation of global batch 0 of epoch 0
+        g = torch.Generator().manual_seed(batch_seed(cfg['seed'], 0, 0))
+        return draw_augmentation(seq, lens, cfg['item_drop_ratio'], 1.0, q, g)
+    aug = draw(quirk)
+    assert aug['mode'] == 'item' and not torch.equal(aug['item_seq_aug'], draw(not quirk)['item_seq_aug'])
+    assert torch.equal(batch['item_seq_aug'], aug['item_seq_aug'])
+    assert torch.equal(batch['item_seq_len_aug'], aug['item_seq_len_aug'])
+    assert torch.equal(batch['modal_seq_aug']['img'], seq if quirk else aug['item_seq_aug'])
+    with torch.no_grad():
+        expected = trainer.model.calculate_loss(batch).item()
+    assert trainer.step(batch) == pytest.approx(expected, rel=1e-6)
 
 
 def test_resume_reproduces_uninterrupted_run(pre, tmp_path):
@@ -185,44 +216,39 @@ def test_batches_are_the_global_batch_sharded(pre):
 
 
 # ---------------------------------------------------------------- transfer
-def test_pretraining_helps_finetuning(tmp_path):
+def test_pretraining_helps_finetuning(make_demo, tmp_path):
     """Pre-train 20 epochs on the demo corpus, then fine-tune 3 epochs on the demo downstream set
     (which shares its latent world): the pre-trained start reaches a better valid NDCG@10 than a
     random start, with and without item IDs. Measured: transductive 0.3656 vs 0.3554, inductive
     0.3490 vs 0.3397; the runs are deterministic on the CPU, so the comparison is stable."""
-    write_pretrain(tmp_path / 'pre', name='DemoPT', n_users_per_domain=300, n_items_per_domain=100,
-                   dim=32, seed=7)
-    write_downstream(tmp_path / 'down', name='Demo', n_users=300, n_items=100, dim=32, seed=7)
-    out = pretrain(tmp_path / 'pre', tmp_path, '--pretrain_epochs=20', '--save_step=20', '--train_batch_size=256')
+    pre, _ = make_demo('pretrain', name='DemoPT', n_users_per_domain=300, n_items_per_domain=100, dim=32, seed=7)
+    down, _ = make_demo(name='Demo', n_users=300, n_items=100, dim=32, seed=7)
+    out = pretrain(pre, tmp_path, '--pretrain_epochs=20', '--save_step=20', '--train_batch_size=256')
     for mode in ('transductive', 'inductive'):
         scores = {}
         for name, p in (('pretrained', ['-p', out['checkpoints'][-1]]), ('scratch', [])):
-            args, rest = finetune.parse_args(['-d', 'Demo', f'--data_path={tmp_path}/down', '-mode', mode, *p,
-                                              '--epochs=3', f'--checkpoint_dir={tmp_path}/saved',
-                                              f'--log_dir={tmp_path}/log', *TINY])
-            scores[name] = finetune.run(finetune.build_config(args, rest))['best_valid'][0]['ndcg@10']
+            args = ['-d', 'Demo', f'--data_path={down}', '-mode', mode, *p, '--epochs=3',
+                    f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', *TINY]
+            config = quick_start.build_config('finetune', *quick_start.parse_args('finetune', args))
+            scores[name] = quick_start.finetune(config)['best_valid'][0]['ndcg@10']
         print(mode, 'valid ndcg@10:', scores)
         assert scores['pretrained'] > scores['scratch'] + 0.005
 
 
 @pytest.mark.parametrize('mode,quirk,fusion', [('item', True, 'dynamic_shared'), ('item', False, 'static'),
                                                ('word', True, 'dynamic_shared')])
-def test_pretraining_loss_equals_a_literal_reference(pre, mode, quirk, fusion):
-    """seq-item + lambda * seq-seq + gamma * (reg + reg') of SPEC 3.4, against nn.Transformer on padded inputs."""
-    import torch.nn.functional as F
-    import tests.reference as ref
-    from cluster_utils import discover_interests
-    from missrec import MISSRec
-    cfg = config(pre, hidden_dropout_prob=0.0, item_mm_fusion=fusion)
+def test_pretraining_step_loss_equals_a_literal_reference(pre, mode, quirk, fusion):
+    """The loss of a training step (Pretrainer.step) is seq-item + lambda * seq-seq + gamma * (reg + reg')
+    of SPEC 3.4, against nn.Transformer on padded inputs."""
+    cfg = config(pre, hidden_dropout_prob=0.0, item_mm_fusion=fusion, kmeans_mode='lloyd', train_batch_size=64)
     ds = PretrainDataset(cfg)
-    torch.manual_seed(0)
-    model = MISSRec(cfg, ds.n_items).eval()
+    trainer = Pretrainer(cfg, ds, torch.device('cpu'))
+    model = trainer.model
     if fusion != 'static':
         with torch.no_grad():
             model.fusion_factor.fill_(0.7)
-    points = model.pretrain_interest_points(ds.tables, 64)
-    labels, centroids, _ = discover_interests(points, ds.interests.num_interest, kmeans_mode='lloyd')
-    ds.interests.set(labels, centroids)
+    trainer.discover(0)
+    assert len(model.plm_interest_lookup_table.unique()) > 2           # lloyd: several interests in use
 
     rows = torch.arange(24)
     lens = ds.split['item_seq_len'][rows]
@@ -239,24 +265,20 @@ def test_pretraining_loss_equals_a_literal_reference(pre, mode, quirk, fusion):
     batch = build_batch(ds, {'item_seq': seq, 'item_seq_len': lens, 'item_id': ds.split['item_id'][rows],
                              'item_seq_aug': seq_aug, 'item_seq_len_aug': lens_aug, 'word_mask': word}, mode, quirk)
     with torch.no_grad():
-        seq_item, seq_seq, reg = model.pretrain_losses(batch, ds.interests.embeddings)
-        ours = seq_item.mean() + model.lam * seq_seq.mean() + model.gamma * reg
-
         img_side = seq if (mode == 'item' and quirk) else seq_aug
-        s, s_aug, reg_ref = ref.pretrain_loss(model, ds.tables, ds.interests, seq, lens, seq_aug, lens_aug,
-                                              word, img_side, ds.pad_len)
+        s, s_aug, reg_ref = ref.pretrain_loss(model, ds.tables, seq, lens, seq_aug, lens_aug, word, img_side,
+                                              ds.pad_len)
         target = ds.split['item_id'][rows]
         items = {m: model.adaptor(m)(ds.tables[m][target]) for m in model.modalities}
         labels = torch.arange(len(rows))
         expected = (F.cross_entropy(ref.fused(model, s, items) / model.temperature, labels)
                     + model.lam * F.cross_entropy(s @ s_aug.t() / model.temperature, labels)
                     + model.gamma * reg_ref)
-    assert torch.allclose(reg, reg_ref, rtol=1e-5)
-    assert torch.allclose(ours, expected, rtol=1e-5), (float(ours), float(expected))
+    loss = trainer.step(batch)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_a_nan_loss_stops_pretraining_naming_epoch_and_batch(pre, tmp_path, monkeypatch, capsys):
-    from missrec import MISSRec
     real = MISSRec.pretrain_losses
     calls = {'n': 0}
 
@@ -266,14 +288,11 @@ def test_a_nan_loss_stops_pretraining_naming_epoch_and_batch(pre, tmp_path, monk
         return (seq_item * float('nan'), seq_seq, reg) if calls['n'] == 3 else (seq_item, seq_seq, reg)
 
     monkeypatch.setattr(MISSRec, 'pretrain_losses', nan_at_third_batch)
-    args = ['-d', 'DemoPT', f'--data_path={pre}', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
-            *TINY, '--pretrain_epochs=2', '--train_batch_size=64']
-    assert ddp_pretrain.main(args) == 2
+    assert quick_start.main('pretrain', arguments(pre, tmp_path, '--pretrain_epochs=2', '--train_batch_size=64')) == 2
     assert 'training loss is nan at epoch 0, batch 2; the last good checkpoint is none yet' in capsys.readouterr().err
 
 
 def test_nan_item_rows_stop_pretraining_at_interest_discovery(pre, tmp_path, monkeypatch, capsys):
-    from missrec import MISSRec
     real = MISSRec.pretrain_interest_points
     calls = {'n': 0}
 
@@ -285,9 +304,8 @@ def test_nan_item_rows_stop_pretraining_at_interest_discovery(pre, tmp_path, mon
         return points
 
     monkeypatch.setattr(MISSRec, 'pretrain_interest_points', inf_before_third_epoch)
-    args = ['-d', 'DemoPT', f'--data_path={pre}', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
-            *TINY, '--pretrain_epochs=3', '--save_step=1', '--train_batch_size=128']
-    assert ddp_pretrain.main(args) == 2
+    args = arguments(pre, tmp_path, '--pretrain_epochs=3', '--save_step=1', '--train_batch_size=128')
+    assert quick_start.main('pretrain', args) == 2
     err = capsys.readouterr().err
-    assert (f"error (rank 0): interest discovery before epoch 2: 2 of 240 points are not finite (NaN or inf); "
+    assert (f"error: interest discovery before epoch 2: 2 of 240 points are not finite (NaN or inf); "
             f"the last good checkpoint is {tmp_path}/saved/MISSRec-DemoPT-2.pth\n") in err

@@ -10,7 +10,7 @@ from config import Config, stage_files
 from data.dataset import SeqDataset
 from data.loader import SeqBatches
 from missrec import MISSRec
-from trainer import run_interest_discovery
+from trainer import Trainer
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared',
                     'datasets', 'downstream')
@@ -44,7 +44,7 @@ def test_packed_model_equals_nn_transformer_on_real_features(mini):
     torch.manual_seed(0)
     cfg = config(kmeans_mode='lloyd')                             # real, varied interest tokens
     model = MISSRec(cfg, ds.n_items, ds.plm_table, ds.img_table).eval()
-    run_interest_discovery(model, cfg, 0)
+    Trainer(cfg, model, torch.device('cpu')).discover(0)
     batch = next(iter(SeqBatches(ds.splits['valid'], 256, pad_len=ds.pad_len)))
     with torch.no_grad():
         s, reg = model.finetune_seq_output(batch['item_seq'], batch['item_seq_len'], model.adapted_tables(),
@@ -61,7 +61,7 @@ def test_original_clustering_collapses_as_the_original_did(mini):
     ds = mini
     torch.manual_seed(2020)
     model = MISSRec(config(), ds.n_items, ds.plm_table, ds.img_table)
-    run_interest_discovery(model, config(), 0)
+    Trainer(config(), model, torch.device('cpu')).discover(0)
     used = torch.cat([model.plm_interest_lookup_table[1:], model.img_interest_lookup_table[1:]]).unique()
     assert len(used) <= 2
     assert all(float(model.interest_embeddings[i].abs().sum()) == 0 for i in used)

@@ -1,41 +1,29 @@
-"""recommend.py on a checkpoint fine-tuned for one epoch on tiny demo data; tools/inspect_checkpoint.py on it."""
+"""recommend.py (its library: inference.py) on a checkpoint fine-tuned for one epoch on tiny demo data."""
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import finetune
-import recommend
 from data.dataset import SeqDataset
+import inference
+from inference import recommend as recommend_items
 from missrec import MISSRec
-from tools import inspect_checkpoint
-from tools.make_demo_data import write_downstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ['--hidden_size=32', '--inner_size=32', '--plm_size=64', '--img_size=64', '--epochs=1',
-        '--show_progress=False', '--use_gpu=False']
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp('rec')
-    data = root / 'data'
-    write_downstream(str(data), name='Demo', n_users=100, n_items=40, dim=64, seed=11)
-    args, rest = finetune.parse_args(['-d', 'Demo', f'--data_path={data}', f'--checkpoint_dir={root}/saved',
-                                      f'--log_dir={root}/log', *ARGS])
-    out = finetune.run(finetune.build_config(args, rest))
-    assert os.path.isfile(out['checkpoint'])
-    return {'checkpoint': out['checkpoint'], 'data_path': str(data)}
+def trained(finetuned):
+    assert os.path.isfile(finetuned['checkpoint'])
+    return finetuned
 
 
 @pytest.fixture(scope='module')
 def reference(trained):
     """Model and dataset rebuilt independently of recommend.py (the training config, weights_only load)."""
-    args, rest = finetune.parse_args(['-d', 'Demo', f"--data_path={trained['data_path']}", *ARGS])
-    config = finetune.build_config(args, rest)
+    config = trained['config']
     data = SeqDataset(config)
     model = MISSRec(config, data.n_items, data.plm_table, data.img_table)
     ckpt = torch.load(trained['checkpoint'], map_location='cpu', weights_only=True)
@@ -56,7 +44,7 @@ def _test_histories(data, n=3):
 def test_top1_is_argmax_of_full_sort_predict(trained, reference):
     data, model = reference
     histories = _test_histories(data)
-    results = recommend.recommend(trained['checkpoint'], [' '.join(h) for h in histories], topk=5)
+    results = recommend_items(trained['checkpoint'], [' '.join(h) for h in histories], topk=5)
     assert len(results) == len(histories)
     index = {t: i + 1 for i, t in enumerate(data.item_tokens)}
     for hist, res in zip(histories, results):
@@ -77,9 +65,9 @@ def test_top1_is_argmax_of_full_sort_predict(trained, reference):
 def test_exclude_history_drops_history_items(trained, reference):
     data, _ = reference
     hist = _test_histories(data, 1)[0]
-    everything = recommend.recommend(trained['checkpoint'], [' '.join(hist)], topk=data.n_items)[0]['items']
+    everything = recommend_items(trained['checkpoint'], [' '.join(hist)], topk=data.n_items)[0]['items']
     assert len(everything) == data.n_items - 1                        # every item but PAD
-    excluded = recommend.recommend(trained['checkpoint'], [' '.join(hist)], topk=10,
+    excluded = recommend_items(trained['checkpoint'], [' '.join(hist)], topk=10,
                                    exclude_history=True)[0]['items']
     assert not {it['token'] for it in excluded} & set(hist)
     assert [it['token'] for it in excluded] == [it['token'] for it in everything if it['token'] not in hist][:10]
@@ -93,20 +81,20 @@ def test_raw_ids_give_the_same_result(trained, reference):
     for line in open(path, encoding='utf-8'):
         raw, idx = line.rstrip('\n').split('\t')
         raw_of[idx] = raw
-    by_token = recommend.recommend(trained['checkpoint'], [' '.join(hist)], topk=3)
-    by_raw = recommend.recommend(trained['checkpoint'], [' '.join(raw_of[t] for t in hist)], raw=True, topk=3)
+    by_token = recommend_items(trained['checkpoint'], [' '.join(hist)], topk=3)
+    by_raw = recommend_items(trained['checkpoint'], [' '.join(raw_of[t] for t in hist)], raw=True, topk=3)
     assert by_token == by_raw
 
 
 def test_cli_prints_ranked_table(trained, reference, capsys):
     data, _ = reference
     hist = _test_histories(data, 2)
-    rc = recommend.main(['--checkpoint', trained['checkpoint'], '--history', ' '.join(hist[0]),
+    rc = inference.main(['--checkpoint', trained['checkpoint'], '--history', ' '.join(hist[0]),
                          '--history', ' '.join(hist[1]), '--topk', '4'])
     out = capsys.readouterr().out
     assert rc == 0
     assert out.count('rank  item') == 2 and 'history 2 (' in out
-    first = recommend.recommend(trained['checkpoint'], [' '.join(hist[0])], topk=1)[0]['items'][0]
+    first = recommend_items(trained['checkpoint'], [' '.join(hist[0])], topk=1)[0]['items'][0]
     line = next(ln for ln in out.splitlines() if ln.strip().startswith('1 '))
     assert first['token'] in line and first['raw_id'] in line and f"{first['score']:.4f}" in line
     assert all(len(ln) <= 2 + 4 + 2 + 6 + 2 + 12 + 2 + 10 + 2 + 80 for ln in out.splitlines())
@@ -118,19 +106,18 @@ def test_cli_prints_ranked_table(trained, reference, capsys):
     (['--history', ''], 'history 1: empty'),
 ])
 def test_unknown_items_give_one_line_error(trained, capsys, extra, expected):
-    rc = recommend.main(['--checkpoint', trained['checkpoint'], *extra])
+    rc = inference.main(['--checkpoint', trained['checkpoint'], *extra])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith('error: ') and expected in err and err.count('\n') == 1
 
 
-def test_wrong_dataset_and_missing_checkpoint(trained, tmp_path, capsys):
-    other = tmp_path / 'other'
-    write_downstream(str(other), name='Demo', n_users=30, n_items=15, dim=64, seed=5)
-    rc = recommend.main(['--checkpoint', trained['checkpoint'], '--data_path', str(other), '--history', '1'])
+def test_wrong_dataset_and_missing_checkpoint(trained, make_demo, tmp_path, capsys):
+    other, _ = make_demo(name='Demo', n_users=30, n_items=15, dim=32, seed=5)
+    rc = inference.main(['--checkpoint', trained['checkpoint'], '--data_path', str(other), '--history', '1'])
     err = capsys.readouterr().err
     assert rc == 2 and 'do not fit dataset Demo' in err and err.count('\n') == 1
-    rc = recommend.main(['--checkpoint', str(tmp_path / 'none.pth'), '--history', '1'])
+    rc = inference.main(['--checkpoint', str(tmp_path / 'none.pth'), '--history', '1'])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"error: {tmp_path / 'none.pth'}: checkpoint file not found\n"
 
@@ -141,22 +128,10 @@ def test_script_runs_from_the_command_line(trained):
     assert proc.returncode == 2 and proc.stderr.startswith("error: history 1: item token 'nope'")
 
 
-def test_inspect_checkpoint_on_a_finetuned_checkpoint(trained, capsys):
-    assert inspect_checkpoint.main([trained['checkpoint'], '--keys']) == 0
-    out = capsys.readouterr().out
-    assert 'written by: this project' in out and 'epoch: 0' in out
-    assert re.search(r'\n  dataset += Demo\n', out) and re.search(r'\n  hidden_size += 32\n', out)
-    assert 'interests: ' in out and 'item rows (incl. PAD): ' in out
-    assert 'interest_embeddings' in out and 'text_adaptor.weight' in out and '[32, 64]' in out
-    ckpt = torch.load(trained['checkpoint'], weights_only=True)
-    total = sum(v.numel() for v in ckpt['state_dict'].values())
-    assert f'parameters: {total:,} values in {len(ckpt["state_dict"])} tensors' in out
-
-
-def test_original_format_checkpoint(trained, reference, tmp_path):
+def test_original_format_checkpoint(trained, reference, tmp_path, fake_recbole):
     """A fine-tuned checkpoint in the original's layout (pickled recbole Config, data_path joined with
     the dataset name, RecBole-only keys) gives the same recommendations."""
-    from tests.test_checkpoints import _install_fake_recbole, _remove_fake_recbole
+    install, remove = fake_recbole
     data, _ = reference
     ckpt = torch.load(trained['checkpoint'], weights_only=True)
     final = dict(ckpt['config'])
@@ -165,7 +140,7 @@ def test_original_format_checkpoint(trained, reference, tmp_path):
                   'metrics': ['Recall', 'NDCG', 'Precision'], 'learner': 'Adam'})
     for k in ('kmeans_mode', 'interest_clustering', 'cluster_memory_mb', 'contextual_gather_quirk'):
         final.pop(k, None)
-    Config_, ModelType, InputType = _install_fake_recbole()
+    Config_, ModelType, InputType = install()
     try:
         final['MODEL_TYPE'], final['MODEL_INPUT_TYPE'] = ModelType.SEQUENTIAL, InputType.POINTWISE
         path = tmp_path / 'original.pth'
@@ -173,6 +148,6 @@ def test_original_format_checkpoint(trained, reference, tmp_path):
                     'state_dict': ckpt['state_dict'], 'other_parameter': None,
                     'optimizer': ckpt['optimizer']}, path)
     finally:
-        _remove_fake_recbole()
+        remove()
     hist = ' '.join(_test_histories(data, 1)[0])
-    assert recommend.recommend(str(path), [hist], topk=5) == recommend.recommend(trained['checkpoint'], [hist], topk=5)
+    assert recommend_items(str(path), [hist], topk=5) == recommend_items(trained['checkpoint'], [hist], topk=5)

@@ -8,25 +8,21 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
-from tools.make_demo_data import write_downstream
+import quick_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    write_downstream(root, name='Demo', n_users=150, n_items=50, seed=11)
-    return root
-
-
 def command(demo, out, *extra):
-    return [sys.executable, 'finetune.py', '-d', 'Demo', f'--data_path={demo}', f'--checkpoint_dir={out}/saved',
-            f'--log_dir={out}/log', '--epochs=5', '--stopping_step=50', '--hidden_size=32', '--inner_size=32',
-            '--show_progress=False', '--use_gpu=False', *extra]
+    return [sys.executable, 'finetune.py', *arguments(demo, out, *extra)]
+
+
+def arguments(demo, out, *extra):
+    return ['-d', 'Demo', f'--data_path={demo}', f'--checkpoint_dir={out}/saved', f'--log_dir={out}/log',
+            '--epochs=5', '--stopping_step=50', '--hidden_size=32', '--inner_size=32', '--plm_size=32',
+            '--img_size=32', '--show_progress=False', '--use_gpu=False', *extra]
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
@@ -44,10 +40,10 @@ def best_state(out):
     return torch.load(best[0], weights_only=True)
 
 
-def kill_after_last_epoch(cmd, epoch, delay):
-    """Start `cmd`, SIGKILL it `delay` s after its -last.pth records `epoch`; returns that file."""
+def kill_after_last_epoch(cmd, saved, epoch, delay):
+    """Start `cmd`, SIGKILL it `delay` s after the -last.pth it writes into `saved` records `epoch`;
+    returns that file."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    saved = cmd[5].split('=', 1)[1]
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         last = glob.glob(f'{saved}/*-last.pth')
@@ -71,7 +67,7 @@ def test_killed_and_resumed_runs_match_the_uninterrupted_run(demo, tmp_path):
     rng = random.Random(2020)
     for point, epoch in enumerate((0, 2)):
         out = tmp_path / f'killed{point}'
-        last = kill_after_last_epoch(command(demo, out), epoch, delay=rng.uniform(0.0, 0.6))
+        last = kill_after_last_epoch(command(demo, out), out / 'saved', epoch, delay=rng.uniform(0.0, 0.6))
         assert torch.load(last, weights_only=False)['epoch'] >= epoch
         resumed = finish(command(demo, out, '--resume', last))
         assert resumed == reference
@@ -80,32 +76,29 @@ def test_killed_and_resumed_runs_match_the_uninterrupted_run(demo, tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path, monkeypatch, capsys):
-    import finetune
     from missrec import MISSRec
     calls = {'n': 0}
     real = MISSRec.calculate_loss
 
-    def nan_in_second_epoch(self, batch):
+    def nan_in_second_epoch(self, batch, *args):
         calls['n'] += 1
-        loss = real(self, batch)
+        loss = real(self, batch, *args)
         return loss * float('nan') if calls['n'] == n_batches + 2 else loss
 
     n_batches = -(-len(open(f'{demo}/Demo/Demo.train.inter').readlines()[1:]) // 512)
     monkeypatch.setattr(MISSRec, 'calculate_loss', nan_in_second_epoch)
-    assert finetune.main(command(demo, tmp_path)[2:]) == 2
+    assert quick_start.main('finetune', arguments(demo, tmp_path)) == 2
     err = capsys.readouterr().err
-    assert 'error: training loss is nan at epoch 1, batch 1; the last good checkpoint is' in err
+    best_file = [p for p in glob.glob(f'{tmp_path}/saved/*.pth') if not p.endswith('-last.pth')][0]
+    assert f'error: training loss is nan at epoch 1, batch 1; the last good checkpoint is {best_file}\n' in err
     best = best_state(tmp_path)
     assert best['epoch'] == 0 and all(torch.isfinite(v).all() for v in best['state_dict'].values()
                                       if v.is_floating_point())
 
 
-def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(tmp_path):
-    from tools.make_demo_data import write_pretrain
-    write_pretrain(tmp_path / 'pre', name='DemoPT', n_users_per_domain=40, n_items_per_domain=40, dim=32, seed=7)
-
+def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(demo_pretrain, tmp_path):
     def cmd(out, *extra):
-        return [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={tmp_path}/pre',
+        return [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={demo_pretrain}',
                 f'--checkpoint_dir={out}/saved', f'--log_dir={out}/log', '--plm_size=32', '--img_size=32',
                 '--hidden_size=32', '--inner_size=32', '--n_heads=2', '--show_progress=False', '--use_gpu=False',
                 '--pretrain_epochs=4', '--save_step=1', '--train_batch_size=64', *extra]
@@ -126,8 +119,8 @@ def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(tmp_path):
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
         assert not (saved / 'MISSRec-DemoPT-4.pth').exists()
-        # a kill may leave a .tmp-* file behind, never a partial checkpoint under its real name
-        done_files = [p for p in os.listdir(saved) if not p.startswith('.tmp-')]
+        # a kill may leave a hidden temporary file behind, never a partial checkpoint under its real name
+        done_files = [p for p in os.listdir(saved) if not p.startswith('.')]
         for p in done_files:
             assert torch.load(saved / p, weights_only=True)['epoch'] >= 0
         latest = max(done_files, key=lambda p: int(p.split('-')[2].split('.')[0]))
@@ -139,44 +132,7 @@ def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(tmp_path):
             assert torch.equal(v, resumed['state_dict'][k]), k
 
 
-def test_cuda_random_states_of_another_gpu_count_restore_what_fits(monkeypatch, caplog):
-    """A checkpoint written where 3 GPUs were visible, resumed with 1: the first state is
-    restored, as a CPU tensor, and one warning says so (set_rng_state_all raised IndexError)."""
-    import trainer
-    calls = []
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: calls.append((state, device)))
-    monkeypatch.setattr(trainer, '_WARNED_GPU_COUNT', False)
-    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
-    state = dict(trainer.rng_state(), cuda=saved)
-    caplog.set_level('WARNING', logger='missrec')
-    trainer.logger.propagate = True                      # (init_logger turns it off)
-    try:
-        trainer.set_rng_state(state)
-        trainer.set_rng_state(state)
-    finally:
-        trainer.logger.propagate = False
-    assert [(int(s[0]), d) for s, d in calls] == [(0, 0), (0, 0)] and all(s.device.type == 'cpu' for s, _ in calls)
-    warnings = [r.message for r in caplog.records if 'random states of 3 GPUs' in r.message]
-    assert warnings == ['the checkpoint holds the random states of 3 GPUs, 1 visible now: restoring 1']
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_random_states_restore_after_a_cuda_map_location(tmp_path):
-    """--resume on a GPU loads with map_location=cuda, which moves the saved generator states there."""
-    from trainer import rng_state, set_rng_state
-    torch.save({'rng': rng_state()}, tmp_path / 'state.pth')
-    state = torch.load(tmp_path / 'state.pth', map_location='cuda', weights_only=True)['rng']
-    assert state['cuda'][0].is_cuda
-    set_rng_state(state)
-    a = torch.rand(5, device='cuda')
-    set_rng_state(state)
-    assert torch.equal(a, torch.rand(5, device='cuda'))
-
-
 def test_nan_item_features_stop_fine_tuning_at_interest_discovery(demo, tmp_path, monkeypatch, capsys):
-    import finetune
     from missrec import MISSRec
     real = MISSRec.interest_points
     calls = {'n': 0}
@@ -189,6 +145,8 @@ def test_nan_item_features_stop_fine_tuning_at_interest_discovery(demo, tmp_path
         return points
 
     monkeypatch.setattr(MISSRec, 'interest_points', nan_before_second_epoch)
-    assert finetune.main(command(demo, tmp_path)[2:]) == 2
+    assert quick_start.main('finetune', arguments(demo, tmp_path)) == 2
     err = capsys.readouterr().err
-    assert 'error: interest discovery before epoch 1: 1 of 100 points are not finite (NaN or inf)\n' in err
+    best_file = [p for p in glob.glob(f'{tmp_path}/saved/*.pth') if not p.endswith('-last.pth')][0]
+    assert (f'error: interest discovery before epoch 1: 1 of 120 points are not finite (NaN or inf); '
+            f'the last good checkpoint is {best_file}\n') in err

@@ -6,8 +6,6 @@ import subprocess
 
 import pytest
 
-from tools.make_demo_data import write_downstream
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,13 +30,13 @@ def test_twenty_scripts_match_the_reference_rows():
 
 
 @pytest.mark.parametrize('cwd', ['.', 'scripts'])
-def test_run_script_works_from_root_and_scripts_dir_on_cpu(tmp_path, cwd):
+def test_run_script_works_from_root_and_scripts_dir_on_cpu(demo, tmp_path, cwd):
     """No GPU id first: the inherited CUDA_VISIBLE_DEVICES='' stays (a CPU run) and every
     argument reaches finetune.py."""
-    write_downstream(tmp_path / 'data', name='Demo', n_users=60, n_items=30, seed=3)
     cmd = ['bash', 'scripts/run01.sh' if cwd == '.' else 'run01.sh', '-d', 'Demo',
-           f'--data_path={tmp_path}/data', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
-           '--epochs=1', '--hidden_size=16', '--inner_size=16', '--show_progress=False']
+           f'--data_path={demo}', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
+           '--epochs=1', '--hidden_size=16', '--inner_size=16', '--plm_size=32', '--img_size=32',
+           '--show_progress=False']
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
     out = subprocess.run(cmd, cwd=os.path.join(ROOT, cwd), capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""Small shared helpers for the data tools: atomic writes and a one-line error type.
+"""Small shared helpers: the project's one atomic write (the data tools, and checkpoints.py
+for every checkpoint) and the tools' one-line error type.
 
 Example (from Python): ``with atomic_open("out.txt") as fp: fp.write("x")``.
 """
@@ -17,10 +18,9 @@ class ToolError(Exception):
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator:
-    """Open a temp file in the same folder as ``path``; on success flush, fsync and
-    ``os.replace`` it onto ``path``; on any exception remove it (``path`` untouched)."""
-    path = os.fspath(path)
+def _temp_beside(path: str, mode: str, encoding: Optional[str]) -> Iterator:
+    """Yield (file, temp path) of a new hidden temp file in the folder of ``path``; flush and
+    fsync it at the end of the block; remove it on any exception."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -28,9 +28,24 @@ def atomic_open(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding,
                        **({} if binary else {"newline": "\n"})) as fp:
-            yield fp
+            os.fchmod(fp.fileno(), 0o644)                  # mkstemp creates 0600
+            yield fp, tmp
             fp.flush()
             os.fsync(fp.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator:
+    """Open a temp file in the same folder as ``path``; on success flush, fsync and
+    ``os.replace`` it onto ``path``; on any exception remove it (``path`` untouched)."""
+    path = os.fspath(path)
+    with _temp_beside(path, mode, encoding) as (fp, tmp):
+        yield fp
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -58,16 +73,9 @@ class AtomicGroup:
 
     def stage(self, path: str, writer: Callable, mode: str = "w") -> None:
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        self._staged.append((tmp, path))
-        binary = "b" in mode
-        with os.fdopen(fd, mode, encoding=None if binary else "utf-8",
-                       **({} if binary else {"newline": "\n"})) as fp:
+        with _temp_beside(path, mode, "utf-8") as (fp, tmp):
+            self._staged.append((tmp, path))
             writer(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
 
     def stage_copy(self, src: str, path: str, link: bool = False) -> None:
         """Stage a copy of ``src`` (a hard link when ``link`` and the file system allows)."""

@@ -256,7 +256,7 @@ def step_finetune(ctx):
     rc, text = run(base + ['--epochs=4', '--resume', last], log, 300)
     expect(rc == 0, f'finetune.py --resume failed: {tail(text)}')
     resumed = open(re.search(r'log: (\S+)', text).group(1)).read()
-    expect(f'Resuming from {last} at epoch 3' in resumed and 'epoch 3 training' in resumed
+    expect(f'Loading checkpoint {last}: resuming at epoch 3' in resumed and 'epoch 3 training' in resumed
            and 'epoch 0 training' not in resumed, 'the resumed run did not continue at epoch 3')
     rows.append(row('finetune: --resume', 'PASS', 'epoch 3 trained after resuming from -last.pth',
                     time.perf_counter() - start))
@@ -329,10 +329,10 @@ def step_nccl(ctx):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     import distributed as D
-    import ddp_finetune
-    import ddp_pretrain
+    import quick_start
     from config import Config, parse_overrides, stage_files
     from data.pretrain import PretrainDataset
+    from trainer import Pretrainer
     gpu = not ctx['dry']
     os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(D.free_port()))
@@ -354,17 +354,17 @@ def step_nccl(ctx):
         common = dict(use_gpu=gpu, show_progress=False, checkpoint_dir=f'{out}/saved', log_dir=f'{out}/log', **tiny)
         cfg = Config('DemoPT', stage_files('pretrain'), dict(data_path=ctx['pre'], train_stage='pretrain',
                                                              train_batch_size=256 if gpu else 64, **common))
-        trainer = ddp_pretrain.Pretrainer(cfg, PretrainDataset(cfg).to(device), device)
-        expect(isinstance(trainer.model, DistributedDataParallel), 'the pre-training model is not DDP-wrapped')
+        trainer = Pretrainer(cfg, PretrainDataset(cfg).to(device), device)
+        expect(isinstance(trainer.loss, DistributedDataParallel), 'the pre-training forward is not DDP-wrapped')
         trainer.discover(0)
         expect(calls.get('broadcast_', 0) >= 2, 'the interest tables were not broadcast')
-        before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+        before = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.model.train()
         batches = iter(trainer.batches)
-        losses = [trainer.step(ddp_pretrain._to(next(batches), device)) for _ in range(3)]
+        losses = [trainer.step(next(batches)) for _ in range(3)]
         expect(all(map(lambda v: v == v and abs(v) < float('inf'), losses)), f'losses {losses}')
         expect(calls.get('all_gather_with_grad', 0) >= 3, 'the contrastive negatives were not gathered')
-        moved = sum(not torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters()))
+        moved = sum(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
         expect(moved > 0, 'no parameter changed')
         trainer.save(0)
         expect(os.path.exists(trainer.saved[-1]), 'no checkpoint saved')
@@ -375,7 +375,7 @@ def step_nccl(ctx):
         start = time.perf_counter()
         name, path = ctx['demo']
         cfg = Config(name, stage_files('finetune'), dict(data_path=path, epochs=1, **common))
-        res = ddp_finetune.run(cfg)
+        res = quick_start.finetune(cfg)
         expect(calls.get('gather_rows_interleaved', 0) > 0, 'evaluation ranks were not gathered')
         expect(res['test'][0]['ndcg@10'] > 0, f"test NDCG@10 {res['test'][0]['ndcg@10']}")
         rows.append(row(f'{backend}: ddp_finetune epoch, sharded evaluation', 'PASS',

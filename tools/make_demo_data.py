@@ -37,13 +37,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+if __package__ in (None, ""):  # run as a script: make `tools` and `data` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import numpy as np
 
-INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+from data import INTER_HEADER
+from tools._io import atomic_write_bytes
+
 TEXT_HEADER = "item_id:token\ttext:token_seq\n"
 MAX_HISTORY = 50
 
@@ -324,28 +328,8 @@ def generate_downstream(name: str = "Demo", n_users: int = DEFAULT_USERS,
 # --------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temp file in the same folder, flush, fsync, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _inter_bytes(rows) -> bytes:
-    lines = [INTER_HEADER]
+    lines = [INTER_HEADER + "\n"]
     for u, hist, tgt in rows:
         lines.append(f"{u}\t{' '.join(hist)}\t{tgt}\n")
     return "".join(lines).encode("utf-8")

@@ -51,9 +51,9 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 
 from tqdm import tqdm
 
+from data import INTER_HEADER
 from tools._io import AtomicGroup, ToolError, run_main
 
-INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 TEXT_HEADER = "item_id:token\ttext:token_seq\n"
 TEXT_KEYS = ("title", "category", "brand")
 IMAGE_KEYS = ("imageURLHighRes", "imageURLHigh", "imageURL")
@@ -225,7 +225,7 @@ def split_rows(seqs: Sequence[Sequence[int]], max_len: int = 50):
 
 def _inter_writer(rows):
     def write(fp):
-        fp.write(INTER_HEADER)
+        fp.write(INTER_HEADER + "\n")
         for u, hist, tgt in rows:
             fp.write(f"{u}\t{' '.join(map(str, hist))}\t{tgt}\n")
     return write

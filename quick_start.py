@@ -1,0 +1,239 @@
+"""What the entry scripts run (RecBole's quick_start): their command lines, one fine-tuning or
+pre-training run of one process, launching one process or several, and the final report.
+
+    finetune.py, ddp_finetune.py  ->  main('finetune', ...)
+    ddp_pretrain.py               ->  main('pretrain', ...)
+
+    from quick_start import build_config, finetune, parse_args
+    out = finetune(build_config('finetune', *parse_args('finetune', ['-d', 'Demo', '--epochs=2'])))
+
+A run reads and checks every input (config, data, checkpoints) before it writes
+anything; a bad input stops it with one line `error: ...` and exit code 2.
+"""
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+import torch
+
+import distributed as D
+import metrics as M
+from checkpoints import CheckpointError, load_pretrained
+from config import Config, ConfigError, parse_overrides, stage_files
+from data.dataset import DataError, SeqDataset
+from data.loader import SeqBatches
+from data.pretrain import PretrainDataset
+from missrec import MISSRec
+from trainer import Pretrainer, Trainer, init_logger, init_seed, local_time, start_logging
+
+logger = logging.getLogger(__name__)
+
+# what stops a run with one line (bad input, a NaN); anything else is a bug and shows its traceback
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(stage, argv=None, description=None):
+    """The command line of a stage's entry scripts; returns (args, ['--key=value', ...])."""
+    finetune_stage = stage == 'finetune'
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-d', type=str, default='Scientific_mm_full' if finetune_stage else 'FHCKM_mm_full',
+                        help='dataset name')
+    if finetune_stage:
+        parser.add_argument('-p', type=str, default='', help='pre-trained checkpoint to start from')
+        parser.add_argument('-f', '--freeze', action=argparse.BooleanOptionalAction, default=True,
+                            help='with -p: freeze the position embedding and the Transformer (default on)')
+        parser.add_argument('-mode', choices=['transductive', 'inductive'], default='transductive')
+    parser.add_argument('-props', type=str, default='', help='comma-separated props files '
+                        f'(default: props/MISSRec.yaml,props/{stage}.yaml)')
+    parser.add_argument('-note', type=str, default='', help='a word added to the log file name')
+    parser.add_argument('--resume', type=str, default='', help='checkpoint to continue from: the '
+                        'saved/MISSRec-{time}-last.pth of a fine-tuning run, or a pre-training checkpoint '
+                        '(same command line otherwise)')
+    parser.add_argument('--nproc', type=int, default=None, help='processes to spawn (0: one per visible GPU, '
+                        'or 1; default: the script\'s)')
+    return parser.parse_known_args(argv)
+
+
+def build_config(stage, args, rest):
+    """The run's `Config` from the parsed command line (SPEC 2)."""
+    overrides = parse_overrides(rest)
+    if stage == 'finetune':
+        overrides.setdefault('train_stage', f'{args.mode}_ft')
+        overrides['pretrained_file'] = args.p
+        overrides['freeze_trm'] = args.freeze
+    else:
+        overrides['train_stage'] = 'pretrain'
+    overrides['note'] = args.note
+    files = args.props.split(',') if args.props else stage_files(stage)
+    return Config(dataset=args.d, config_files=files, overrides=overrides)
+
+
+def _check_resume(path):
+    if path and not os.path.exists(path):
+        raise CheckpointError(f'{path}: checkpoint to resume from not found')
+
+
+# ----------------------------------------------------------------- fine-tuning
+def build_finetune(config, device):
+    """Dataset and model (with the pre-trained weights if any) of a fine-tuning run, and the
+    lines to log about the loaded weights."""
+    dataset = SeqDataset(config)
+    model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
+    loaded = []
+    if config['pretrained_file']:
+        loaded = load_pretrained(model, config['pretrained_file'], config['freeze_trm'])
+    return dataset, model.to(device), loaded
+
+
+def finetune(config, resume=''):
+    """One process's fine-tuning run (a process group, if any, is set up).
+
+    Returns {'best_valid', 'test', 'popularity', 'log', 'checkpoint', 'best_epoch'} (every rank).
+    """
+    start_logging(D.is_main_process())
+    init_seed(config['seed'], config['reproducibility'])              # the same initial weights on every rank
+    device = D.process_device(config['use_gpu'])
+    dataset, model, loaded = build_finetune(config, device)
+    if D.rank():   # dropout differs per rank; rank 0 draws what a single process draws
+        init_seed(config['seed'] + D.rank(), config['reproducibility'])
+    _check_resume(resume)
+
+    log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], config['train_stage'],
+                                    local_time()], main_process=D.is_main_process())
+    logger.info('\n' + str(config) + '\n')
+    logger.info(str(dataset))
+    for line in loaded:
+        logger.info(line)
+    logger.info(str(model))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    logger.info(f'Trainable parameters: {float(sum(p.numel() for p in model.parameters() if p.requires_grad))}')
+    logger.info(f'Trainable parameters: {trainable}')
+    logger.info(f'processes: {D.world_size()}, device: {device}')
+
+    shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
+    train = SeqBatches(dataset.splits['train'], config['train_batch_size'], shuffle=True, seed=config['seed'],
+                       **shard)
+    valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard)
+    test = SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard)
+    trainer = Trainer(config, model, device)
+    if resume:
+        trainer.resume(resume)
+    trainer.fit(train, valid)
+    return finish(trainer, dataset, config, test, log_path)
+
+
+def finish(trainer, dataset, config, test_batches, log_path):
+    """Reload the best checkpoint, evaluate on test, log the final lines (SPEC 5)."""
+    trainer.load_best()
+    test_results = trainer.evaluate(test_batches, desc='Test')
+    best = trainer.best_valid_result
+    logger.info(f'best valid : {M.ordered_repr(trainer.primary(best))}')
+    logger.info(f'test result: {M.ordered_repr(trainer.primary(test_results))}')
+    logger.info(f'best valid (original top-K+1) : {M.ordered_repr(best[1])}')
+    logger.info(f'test result (original top-K+1): {M.ordered_repr(test_results[1])}')
+    pop = popularity_result(dataset, config)
+    logger.info(f'most-popular baseline, test: {M.ordered_repr(pop)}')
+    return {'best_valid': best, 'test': test_results, 'popularity': pop, 'log': log_path,
+            'checkpoint': trainer.saved_model_file, 'best_epoch': trainer.best_valid_epoch}
+
+
+def popularity_result(dataset, config):
+    """Most-popular baseline on test: items ranked by their count as train targets."""
+    counts = torch.bincount(dataset.splits['train']['item_id'], minlength=dataset.n_items).float()
+    test = dataset.splits['test']
+    scores = counts.expand(len(test['item_id']), -1).clone()
+    scores[:, 0] = -float('inf')
+    rank = M.ranks(scores, test['item_id'])
+    sums = M.metric_sums(rank, config['metrics'], config['topk'])
+    return M.average(sums, len(rank))
+
+
+def print_table(out):
+    """The test metrics of a fine-tuning run as a markdown table, then the log and checkpoint."""
+    rows = [('MISSRec test (exact top-K)', out['test'][0]),
+            ('MISSRec test (original top-K+1)', out['test'][1]),
+            ('most-popular test (exact top-K)', out['popularity'])]
+    keys = list(out['test'][0])
+    print('\n| run | ' + ' | '.join(keys) + ' |')
+    print('|---|' + '---|' * len(keys))
+    for name, res in rows:
+        print(f'| {name} | ' + ' | '.join(f'{res[k]:.4f}' for k in keys) + ' |')
+    print(f"\nlog: {out['log']}\nbest checkpoint: {out['checkpoint']} (epoch {out['best_epoch']})")
+
+
+# ---------------------------------------------------------------- pre-training
+def pretrain(config, resume=''):
+    """One process's pre-training run (a process group, if any, is set up).
+
+    Returns {'losses': [...], 'checkpoints': [...], 'log': path or None, 'trainer': Pretrainer}.
+    """
+    start_logging(D.is_main_process())
+    device = D.process_device(config['use_gpu'])
+    dataset = PretrainDataset(config).to(device)
+    _check_resume(resume)
+    log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], 'pretrain', local_time()],
+                           main_process=D.is_main_process())
+    logger.info('\n' + str(config) + '\n')
+    logger.info(str(dataset))
+    logger.info(f'processes: {D.world_size()}, device: {device}, '
+                f'contrastive negatives: {config["contrastive_negatives"]}')
+    trainer = Pretrainer(config, dataset, device)
+    logger.info(str(trainer.model))
+    logger.info(f'Interests: {trainer.model.num_interest}')
+    if resume:
+        trainer.resume(resume)
+    losses = trainer.fit()
+    return {'losses': losses, 'checkpoints': trainer.saved, 'log': log_path, 'trainer': trainer}
+
+
+# ------------------------------------------------------------------- processes
+def process_main(run, config, resume='', report=None):
+    """One process of a run: the process group from the environment (torchrun, or `main`'s
+    spawned processes), `run(config, resume)`, teardown; then `report(out)` on rank 0.
+    Returns the exit code: 2 after a USER_ERRORS exception, printed as one line."""
+    try:
+        D.select_gpus(config['gpu_id'], config['use_gpu'])   # under torchrun: before CUDA starts
+        device = D.init_from_env(config['use_gpu'])
+        if config['use_gpu'] and device.type == 'cpu' and D.is_main_process():
+            print('no CUDA device found: running on the CPU', file=sys.stderr)
+        if D.is_dist() and device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
+            torch.set_num_threads(D.cpu_threads())
+        out = run(config, resume)
+    except USER_ERRORS as e:
+        print(f'error (rank {D.rank()}): {e}' if D.is_dist() else f'error: {e}', file=sys.stderr)
+        return 2
+    except BaseException:
+        if D.is_dist():   # printed before the group goes down: the other ranks then fail with
+            # "connection reset", and the launcher may report that secondary error first
+            print(f'rank {D.rank()} failed:\n{traceback.format_exc()}', file=sys.stderr, flush=True)
+        raise
+    finally:
+        D.teardown()
+    if report and out['log']:                                # the log path: rank 0 only
+        report(out)
+    return 0
+
+
+def main(stage, argv=None, nproc=1, description=None):
+    """An entry script: parse the command line, then run in this process (one process, or one
+    of torchrun's) or in `--nproc` spawned ones (0: one per visible GPU, or 1; default `nproc`).
+
+    Args:
+        stage: 'finetune' or 'pretrain'.
+    Returns:
+        the exit code.
+    """
+    args, rest = parse_args(stage, argv, description)
+    try:
+        config = build_config(stage, args, rest)
+        if not D.launched_by_torchrun():
+            D.select_gpus(config['gpu_id'], config['use_gpu'])
+            nproc = D.resolve_nproc(nproc if args.nproc is None else args.nproc, config['use_gpu'])
+    except ValueError as e:   # ConfigError included
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    run, report = (finetune, print_table) if stage == 'finetune' else (pretrain, None)
+    return D.launch(process_main, nproc, run, config, args.resume, report)

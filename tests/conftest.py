@@ -1,0 +1,92 @@
+"""Shared fixtures: generated demo data (tools/make_demo_data.py), a checkpoint fine-tuned on it,
+and stand-ins for the `recbole` modules that the original code's checkpoints reference."""
+import enum
+import sys
+import types
+
+import pytest
+
+from tools.make_demo_data import write_downstream, write_pretrain
+
+# the fine-tuning run behind the `finetuned` checkpoint (CPU even where a GPU is present)
+FINETUNED_ARGS = ['--hidden_size=32', '--inner_size=32', '--plm_size=32', '--img_size=32', '--epochs=1',
+                  '--show_progress=False', '--use_gpu=False']
+
+
+@pytest.fixture(scope='session')
+def make_demo(tmp_path_factory):
+    """Demo datasets, each written once per session:
+    make_demo('downstream' | 'pretrain', **arguments of write_downstream / write_pretrain)
+    -> (the folder holding the dataset's folder, the generated data). Tests that damage
+    a dataset copy it first."""
+    made = {}
+
+    def make(kind='downstream', **kwargs):
+        key = (kind, tuple(sorted(kwargs.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp(kind)
+            write = {'downstream': write_downstream, 'pretrain': write_pretrain}[kind]
+            made[key] = (root, write(root, return_data=True, **kwargs)[1])
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope='session')
+def demo(make_demo):
+    """The data_path of `Demo`: 150 users, 60 items, 32-d features."""
+    return make_demo(name='Demo', n_users=150, n_items=60, dim=32, seed=7)[0]
+
+
+@pytest.fixture(scope='session')
+def demo_pretrain(make_demo):
+    """The data_path of the pre-training corpus `DemoPT`: 3 domains of 40 users and 40 items, 32-d features."""
+    return make_demo('pretrain', name='DemoPT', n_users_per_domain=40, n_items_per_domain=40, dim=32, seed=7)[0]
+
+
+@pytest.fixture(scope='session')
+def finetuned(demo, tmp_path_factory):
+    """A checkpoint fine-tuned for one epoch on `Demo`: {'checkpoint', 'data_path', 'config', 'out'}."""
+    from quick_start import build_config, finetune, parse_args
+    root = tmp_path_factory.mktemp('finetuned')
+    config = build_config('finetune', *parse_args('finetune', [
+        '-d', 'Demo', f'--data_path={demo}', f'--checkpoint_dir={root}/saved', f'--log_dir={root}/log',
+        *FINETUNED_ARGS]))
+    out = finetune(config)
+    return {'checkpoint': out['checkpoint'], 'data_path': str(demo), 'config': config, 'out': out}
+
+
+FAKE_MODULES = ('recbole', 'recbole.config', 'recbole.config.configurator', 'recbole.utils',
+                'recbole.utils.enum_type')
+
+
+@pytest.fixture
+def fake_recbole():
+    """Throwaway stand-ins for the original's recbole classes, registered in sys.modules while the
+    test builds its checkpoint: yields (install, remove); install() -> (Config, ModelType, InputType)."""
+    def install():
+        mods = {name: types.ModuleType(name) for name in FAKE_MODULES}
+
+        class Config:
+            def __init__(self, final):
+                self.final_config_dict = final
+                self.parameters = {'General': ['seed']}
+                self.dataset = final['dataset']
+
+        Config.__module__ = 'recbole.config.configurator'
+        Config.__qualname__ = 'Config'
+        ModelType = enum.Enum('ModelType', [('GENERAL', 1), ('SEQUENTIAL', 2)], module='recbole.utils.enum_type')
+        InputType = enum.Enum('InputType', [('POINTWISE', 1), ('PAIRWISE', 2)], module='recbole.utils.enum_type')
+        mods['recbole.config.configurator'].Config = Config
+        mods['recbole.utils.enum_type'].ModelType = ModelType
+        mods['recbole.utils.enum_type'].InputType = InputType
+        for name, mod in mods.items():
+            assert name not in sys.modules
+            sys.modules[name] = mod
+        return Config, ModelType, InputType
+
+    def remove():
+        for name in FAKE_MODULES:
+            sys.modules.pop(name, None)
+
+    yield install, remove
+    remove()
