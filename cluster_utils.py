@@ -27,7 +27,7 @@ try:  # optional GPU kernels; the torch path below is always available
 except Exception:  # ImportError, or CUDA driver problems at import time
     _cp = None
 
-_KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cluster_kernels.cu")
+_KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cluster_kernels.cu')
 _KERNELS = {}  # device index -> (nearest fn, accumulate fn) or None when compilation failed
 _NEAREST_ROWS = 64  # rows per CUDA block of `nearest_centroid`; must match TM in the .cu file
 # Block shape of the torch path. Blocks are computed transposed, [cols, rows] = C X^T: with D = 300
@@ -35,11 +35,11 @@ _NEAREST_ROWS = 64  # rows per CUDA block of `nearest_centroid`; must match TM i
 # CPU at 8770 x 4385 x 300: 137 vs 83 GFLOP/s, a 4096^3 GEMM 151). On the CPU, blocks of at most
 # 256 rows x 4096 centroids (4 MB) stay in cache for the min pass (Office size, 52000 x 15600:
 # 139 GFLOP/s, against 125 with all 15600 centroids in one block). GPUs want larger blocks.
-_MAX_ROWS = {"cpu": 256, "cuda": 2048}
-_MAX_COLS = {"cpu": 4096}
+_MAX_ROWS = {'cpu': 256, 'cuda': 2048}
+_MAX_COLS = {'cpu': 4096}
 
-_DEFAULTS = {"original": {"niter": 5, "tol": 1e-5}, "lloyd": {"niter": 50, "tol": 1e-4}}
-_ALGORITHMS = ("kmeans", "dpc_knn")
+_DEFAULTS = {'original': {'niter': 5, 'tol': 1e-5}, 'lloyd': {'niter': 50, 'tol': 1e-4}}
+_ALGORITHMS = ('kmeans', 'dpc_knn')
 
 
 # ----------------------------------------------------------------------------- checks
@@ -47,19 +47,19 @@ _ALGORITHMS = ("kmeans", "dpc_knn")
 def _as_points(points):
     """Float32 contiguous view/copy of `points` [P, D]; the caller's tensor is never modified."""
     if not torch.is_tensor(points) or points.dim() != 2:
-        raise ValueError(f"points must be a 2-D tensor [P, D], got {type(points).__name__} "
+        raise ValueError(f'points must be a 2-D tensor [P, D], got {type(points).__name__} '
                          f"{tuple(points.shape) if torch.is_tensor(points) else ''}")
     return points.detach().to(torch.float32).contiguous()
 
 
 def _check_k(n_clusters, n_points):
     if not isinstance(n_clusters, int) or n_clusters < 1 or n_clusters > n_points:
-        raise ValueError(f"n_clusters must be an int in [1, {n_points}] (number of points), got {n_clusters!r}")
+        raise ValueError(f'n_clusters must be an int in [1, {n_points}] (number of points), got {n_clusters!r}')
 
 
 def _check_mode(mode):
     if mode not in _DEFAULTS:
-        raise ValueError(f"unknown kmeans_mode {mode!r}; expected one of {sorted(_DEFAULTS)}")
+        raise ValueError(f'unknown kmeans_mode {mode!r}; expected one of {sorted(_DEFAULTS)}')
 
 
 # ----------------------------------------------------------------------------- CuPy path
@@ -77,11 +77,11 @@ def _cupy_kernels(device):
             with open(_KERNEL_FILE) as f:
                 source = f.read()
             with _cp.cuda.Device(index):
-                module = _cp.RawModule(code=source, options=("--std=c++14",))
-                _KERNELS[index] = (module.get_function("nearest_centroid"),
-                                   module.get_function("cluster_accumulate"))
+                module = _cp.RawModule(code=source, options=('--std=c++14',))
+                _KERNELS[index] = (module.get_function('nearest_centroid'),
+                                   module.get_function('cluster_accumulate'))
         except Exception as err:  # keep training alive on the torch path
-            logger.warning("CuPy kernels unavailable (%s); using the torch path", err)
+            logger.warning(f'CuPy kernels unavailable ({err}); using the torch path')
             _KERNELS[index] = None
     return _KERNELS[index]
 
@@ -128,7 +128,7 @@ def _cupy_sums(x, labels, k, use_abs):
 
 # ----------------------------------------------------------------------------- distances
 
-def _chunk_shape(n, k, memory_budget_mb, device_type="cpu"):
+def _chunk_shape(n, k, memory_budget_mb, device_type='cpu'):
     """(rows, cols) of the largest distance block within the budget; cols < k only if one row of K does not fit."""
     budget = max(1, int(memory_budget_mb * 2 ** 20) // 4)  # float32 elements
     cols = max(1, min(k, budget, _MAX_COLS.get(device_type, k)))
@@ -219,35 +219,30 @@ class KMeans:
     mini-batch plus the final one in "original"), self.labels [N], self.n_iter.
     """
 
-    def __init__(self, d, k, mode="original", niter=None, tol=None, seed=2020, batch_size=2048,
-                 memory_budget_mb=256, verbose=False):
+    def __init__(self, d, k, mode='original', niter=None, tol=None, seed=2020, batch_size=2048,
+                 memory_budget_mb=256):
         _check_mode(mode)
         self.d, self.k, self.mode, self.seed = d, k, mode, seed
-        self.niter = _DEFAULTS[mode]["niter"] if niter is None else niter
-        self.tol = _DEFAULTS[mode]["tol"] if tol is None else tol
+        self.niter = _DEFAULTS[mode]['niter'] if niter is None else niter
+        self.tol = _DEFAULTS[mode]['tol'] if tol is None else tol
         self.batch_size = batch_size
         self.memory_budget_mb = memory_budget_mb
-        self.verbose = verbose
         self.centroids, self.labels, self.obj, self.n_iter = None, None, [], 0
 
     def train(self, x):
         """Fit on x [N, D]. Returns the final objective (mean squared distance to the assigned centroid)."""
         x = _as_points(x)
         if x.shape[1] != self.d:
-            raise ValueError(f"points have dimension {x.shape[1]}, KMeans was built for d={self.d}")
+            raise ValueError(f'points have dimension {x.shape[1]}, KMeans was built for d={self.d}')
         _check_k(self.k, x.shape[0])
         self.obj = []
-        fit = self._train_original if self.mode == "original" else self._train_lloyd
+        fit = self._train_original if self.mode == 'original' else self._train_lloyd
         dist, self.labels = fit(x)
         return float(dist.mean())
 
     def assign(self, x):
         """Nearest centroid of each row of x [N, D] -> (dist float [N], idx long [N]), chunked."""
         return pairwise_nearest(x, self.centroids, self.memory_budget_mb)
-
-    def _log(self, msg, *args):
-        if self.verbose:
-            logger.info(msg, *args)
 
     # -- original -------------------------------------------------------------------------
 
@@ -275,7 +270,6 @@ class KMeans:
         self.n_iter = 1
         dist, labels = self.assign(x)  # signed points vs the non-negative centroids
         self.obj.append(float(dist.mean()))
-        self._log("kmeans(original): %d points, %d clusters, objective %.6f", x.shape[0], self.k, self.obj[-1])
         return dist, labels
 
     def _original_step(self, batch, count):
@@ -307,7 +301,6 @@ class KMeans:
             self.n_iter = it
             changed = bool((new_labels != labels).any())
             labels = new_labels
-            self._log("kmeans(lloyd) iter %d: objective %.6f", it, self.obj[-1])
             prev, cur = self.obj[-2], self.obj[-1]
             if not changed or prev - cur < self.tol * abs(prev):
                 break
@@ -322,7 +315,6 @@ class KMeans:
         if empty.numel():
             far = torch.topk(dist, empty.numel()).indices  # distinct points, farthest first
             centroids[empty] = x[far]
-            self._log("kmeans(lloyd): re-seeded %d empty clusters", empty.numel())
         return centroids
 
 
@@ -333,8 +325,8 @@ def _dpc_rows(n, memory_budget_mb):
     per_row = 16 * n  # bytes: dist fp32 + masked copy fp32 + bool mask + slack
     budget = int(memory_budget_mb * 2 ** 20)
     if per_row > budget:
-        raise ValueError(f"dpc_knn needs at least {per_row / 2 ** 20:.3f} MiB for one row of {n} "
-                         f"distances, but memory_budget_mb={memory_budget_mb}")
+        raise ValueError(f'dpc_knn needs at least {per_row / 2 ** 20:.3f} MiB for one row of {n} '
+                         f'distances, but memory_budget_mb={memory_budget_mb}')
     return max(1, min(n, budget // per_row))
 
 
@@ -364,7 +356,7 @@ def dpc_knn(points, n_clusters, local_size, memory_budget_mb=256):
     n, d = x.shape
     _check_k(n_clusters, n)
     if local_size is None or not 1 <= int(local_size) <= n:
-        raise ValueError(f"dpc_knn needs local_size in [1, {n}], got {local_size!r}")
+        raise ValueError(f'dpc_knn needs local_size in [1, {n}], got {local_size!r}')
     rows = _dpc_rows(n, memory_budget_mb)
     x_sq, scale = (x * x).sum(1), 1.0 / math.sqrt(d)
     # pass 1: kNN density and the global max distance
@@ -406,8 +398,8 @@ def write_interest_tables(labels, centroids, embeddings, lookups):
         table[1:] = labels[i * n:(i + 1) * n].to(table) + 1
 
 
-def discover_interests(points, n_clusters, algorithm="kmeans", kmeans_mode="original", seed=2020,
-                       local_size=None, memory_budget_mb=256, show_progress=False):
+def discover_interests(points, n_clusters, algorithm='kmeans', kmeans_mode='original', seed=2020,
+                       local_size=None, memory_budget_mb=256):
     """Cluster item representations into interests (SPEC 3.1).
 
     Args:
@@ -423,29 +415,25 @@ def discover_interests(points, n_clusters, algorithm="kmeans", kmeans_mode="orig
         FloatingPointError: some point is NaN or infinite (checked once, before clustering).
     """
     if algorithm not in _ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {list(_ALGORITHMS)}")
+        raise ValueError(f'unknown algorithm {algorithm!r}; expected one of {list(_ALGORITHMS)}')
     _check_mode(kmeans_mode)
     x = _as_points(points)
     _check_k(n_clusters, x.shape[0])
     finite = torch.isfinite(x).all(1)
     if not bool(finite.all()):  # a NaN/inf row never has a nearest centroid: the kernels would write out of bounds
-        raise FloatingPointError(f"{int((~finite).sum())} of {x.shape[0]} points are not finite (NaN or inf)")
+        raise FloatingPointError(f'{int((~finite).sum())} of {x.shape[0]} points are not finite (NaN or inf)')
     start = time.perf_counter()
     with torch.no_grad():
-        if algorithm == "kmeans":
+        if algorithm == 'kmeans':
             km = KMeans(x.shape[1], n_clusters, mode=kmeans_mode, seed=seed,
-                        memory_budget_mb=memory_budget_mb, verbose=show_progress)
+                        memory_budget_mb=memory_budget_mb)
             objective = km.train(x)
             labels, centroids, n_iter, obj = km.labels, km.centroids, km.n_iter, list(km.obj)
         else:
             labels, centroids = dpc_knn(x, n_clusters, local_size, memory_budget_mb)
             dist = ((x - centroids[labels]) ** 2).sum(1)
             objective, n_iter, obj = float(dist.mean()), 1, [float(dist.mean())]
-    info = {"objective": objective, "n_used": int(torch.unique(labels).numel()), "n_iter": n_iter,
-            "obj_per_iter": obj, "seconds": time.perf_counter() - start, "algorithm": algorithm,
-            "mode": kmeans_mode if algorithm == "kmeans" else None}
-    if show_progress:
-        logger.info("interest discovery (%s%s): %d points -> %d clusters, %d used, objective %.6f, %.2fs",
-                    algorithm, f"/{kmeans_mode}" if algorithm == "kmeans" else "", x.shape[0],
-                    n_clusters, info["n_used"], objective, info["seconds"])
+    info = {'objective': objective, 'n_used': int(torch.unique(labels).numel()), 'n_iter': n_iter,
+            'obj_per_iter': obj, 'seconds': time.perf_counter() - start, 'algorithm': algorithm,
+            'mode': kmeans_mode if algorithm == 'kmeans' else None}
     return labels, centroids, info

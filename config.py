@@ -2,8 +2,8 @@
 
 Values merge in this order, later wins:
 
-    DEFAULTS  <  props/dataset/{dataset}.yaml (if present)  <  props/MISSRec.yaml
-              <  stage file (props/pretrain.yaml or props/finetune.yaml)  <  --key=value
+    DEFAULTS  <  props/MISSRec.yaml  <  stage file (props/pretrain.yaml or props/finetune.yaml)
+              <  --key=value
 
 Every key has one snake_case name in YAML, in `config[key]` and on the command
 line. Unknown keys are rejected with the closest known key suggested; values
@@ -61,7 +61,6 @@ DEFAULTS = {
     'hidden_act': 'gelu',
     'layer_norm_eps': 1e-12,
     'initializer_range': 0.02,
-    'loss_type': 'CE',
     'plm_size': 512,
     'img_size': 512,
     'temperature': 0.07,
@@ -115,7 +114,6 @@ CHOICES = {
     'seq_mm_fusion': ('add', 'contextual'),
     'item_mm_fusion': ('static', 'dynamic_shared', 'dynamic_instance'),
     'train_stage': ('pretrain', 'inductive_ft', 'transductive_ft'),
-    'loss_type': ('CE',),
     'learner': ('adam',),
     'hidden_act': ('gelu', 'relu'),
     'interest_clustering': ('kmeans', 'dpc_knn'),
@@ -123,9 +121,9 @@ CHOICES = {
     'contrastive_negatives': ('global', 'local'),
 }
 
-# Keys the original props files carry but that change nothing here.
+# Keys the original props files carry but that change nothing here (loss_type: the loss is always CE).
 IGNORED_KEYS = ('benchmark_filename', 'alias_of_item_id', 'load_col', 'neg_sampling',
-                'transform', 'log_prefix', 'log_suffix', 'ddp', 'rank', 'world_size', 'nproc')
+                'transform', 'log_prefix', 'log_suffix', 'ddp', 'rank', 'world_size', 'nproc', 'loss_type')
 
 
 class ConfigError(ValueError):
@@ -169,10 +167,6 @@ class Config:
         self.final = dict(DEFAULTS)
         self.sources = {}
         layers = []
-        if dataset is not None:
-            ds_file = os.path.join(PROPS_DIR, 'dataset', f'{dataset}.yaml')
-            if os.path.exists(ds_file):
-                layers.append((ds_file, _read_yaml(ds_file)))
         for path in config_files:
             if not os.path.exists(path):
                 raise ConfigError(f'{path}: config file not found')

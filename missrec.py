@@ -362,7 +362,9 @@ class MISSRec(SeqTransformer):
         """Per-row pre-training losses of a batch (SPEC 3.4), built by data/pretrain.py.
 
         Args:
-            batch: dict of `data.pretrain.build_batch` (features of the batch's distinct items).
+            batch: dict of `data.pretrain.build_batch` (features of the batch's distinct items),
+                with the interest ids `interest_ids` / `interest_ids_aug` [B, M*L] that
+                `calculate_loss` looks up.
             interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
             gather: x [b, ...] -> (x of the whole global batch [B, ...], offset of these rows);
                 None = this batch alone (one process, or `contrastive_negatives: local`).

@@ -155,8 +155,8 @@ class _Loop:
     @torch.no_grad()
     def discover(self, epoch):
         """Rank 0 clusters the adapted item rows of every modality and writes the model's
-        interest tables; every rank gets them (SPEC 3.1)."""
-        if not self.model.modalities:
+        interest tables; every rank gets them (SPEC 3.1). Models without interests skip it."""
+        if not getattr(self.model, 'modalities', None):
             return
         failed = ''
         if D.is_main_process():

@@ -147,21 +147,26 @@ def read_item2index(path):
     return out
 
 
-def load_features(path, dim, tokens, what, expected_rows=None):
-    """[len(tokens) + 1, dim] float32 table: row i = feature row int(tokens[i-1]); row 0 zeros.
-
-    `expected_rows` (the item count of `.item2index`, when present) catches a
-    feature file written with another width whose size happens to fit `dim`."""
+def check_feature_file(path, dim, what, item_map):
+    """A raw float32 feature file of `dim` columns exists and has a fitting size; the item count
+    of `item_map` (an `.item2index` file, when present) catches a file written with another
+    width whose size happens to divide by `dim`. Raises a DataError that names the file."""
     if not os.path.exists(path):
-        raise DataError(f'{path}: {what} feature file not found')
+        raise DataError(f'{path}: {what} not found')
     size = os.path.getsize(path)
     if size % (dim * 4):
         raise DataError(f'{path}: size {size} bytes is not a multiple of {dim} float32 columns '
                         f'({dim * 4} bytes per row); check plm_size/img_size')
-    if expected_rows is not None and size != expected_rows * dim * 4:
-        raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but the item map lists '
-                        f'{expected_rows} items; check plm_size/img_size (the file would have '
-                        f'{size / (expected_rows * 4):g} columns)')
+    expected = count_lines(item_map) if os.path.exists(item_map) else None
+    if expected is not None and size != expected * dim * 4:
+        raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but {os.path.basename(item_map)} '
+                        f'lists {expected} items; check plm_size/img_size (the file would have '
+                        f'{size / (expected * 4):g} columns)')
+
+
+def load_features(path, dim, tokens, what, item_map):
+    """[len(tokens) + 1, dim] float32 table: row i = feature row int(tokens[i-1]); row 0 zeros."""
+    check_feature_file(path, dim, f'{what} feature file', item_map)
     feat = np.fromfile(path, dtype='<f4').reshape(-1, dim)
     rows = np.array([int(t) for t in tokens], dtype=np.int64)
     if len(rows) and rows.max() >= len(feat):
@@ -193,6 +198,22 @@ def pad_histories(ids, offsets, max_len):
     return seq, torch.from_numpy(lengths.astype(np.int64))
 
 
+def dataset_folder(config, what='dataset'):
+    """(name, folder) of the config's dataset; a DataError when the folder is missing."""
+    name = config['dataset']
+    path = os.path.join(config['data_path'], name)
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: {what} folder not found (data_path = {config['data_path']!r}, dataset = {name!r})")
+    return name, path
+
+
+def split_tensors(hist_ids, offsets, target_ids, max_len):
+    """{'item_seq' long [R, L], 'item_seq_len' long [R], 'item_id' long [R]} of a split's rows
+    (flat history ids with row offsets, as `number_tokens` gives them)."""
+    seq, lengths = pad_histories(hist_ids, offsets, max_len)
+    return {'item_seq': seq, 'item_seq_len': lengths, 'item_id': torch.from_numpy(target_ids.astype(np.int64))}
+
+
 class SeqDataset:
     """A downstream dataset, read once.
 
@@ -205,11 +226,7 @@ class SeqDataset:
     """
 
     def __init__(self, config):
-        self.name = config['dataset']
-        self.path = os.path.join(config['data_path'], self.name)
-        if not os.path.isdir(self.path):
-            raise DataError(f"{self.path}: dataset folder not found (data_path = {config['data_path']!r}, "
-                            f"dataset = {self.name!r})")
+        self.name, self.path = dataset_folder(config)
         max_len = config['MAX_ITEM_LIST_LENGTH']
         raw = [read_inter(self._file(s + '.inter')) for s in SPLITS]
         tokens, numbered = number_tokens(raw)
@@ -219,22 +236,17 @@ class SeqDataset:
         self.n_inters = sum(len(f) for f in raw)
 
         self.pad_len = min(max(int(f.lengths.max()) for f in raw), max_len)
-        self.splits = {}
-        for split, f, (hist_ids, target_ids) in zip(SPLITS, raw, numbered):
-            seq, lengths = pad_histories(hist_ids, f.offsets, max_len)
-            self.splits[split] = {'item_seq': seq, 'item_seq_len': lengths,
-                                  'item_id': torch.from_numpy(target_ids.astype(np.int64))}
+        self.splits = {split: split_tensors(hist_ids, f.offsets, target_ids, max_len)
+                       for split, f, (hist_ids, target_ids) in zip(SPLITS, raw, numbered)}
 
         modal = config['modal_type']
-        item_map = self._file('item2index')
-        expected = count_lines(item_map) if os.path.exists(item_map) else None
         self.plm_table = self.img_table = None
         if 'text' in modal:
             self.plm_table = load_features(self._file(config['plm_suffix']), config['plm_size'],
-                                           self.item_tokens, 'text', expected)
+                                           self.item_tokens, 'text', self._file('item2index'))
         if 'img' in modal:
             self.img_table = load_features(self._file(config['img_suffix']), config['img_size'],
-                                           self.item_tokens, 'image', expected)
+                                           self.item_tokens, 'image', self._file('item2index'))
 
     def _file(self, suffix):
         return os.path.join(self.path, f'{self.name}.{suffix}')

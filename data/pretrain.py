@@ -29,7 +29,7 @@ import re
 import numpy as np
 import torch
 
-from data.dataset import DataError, count_lines, number_tokens, pad_histories, read_inter
+from data.dataset import DataError, check_feature_file, dataset_folder, number_tokens, read_inter, split_tensors
 from data.loader import SeqBatches
 
 MODALITIES = ('text', 'img')
@@ -67,18 +67,8 @@ def load_domain_table(folder, domains, suffix, dim, dom, row, tokens):
     table = np.zeros((len(dom) + 1, dim), dtype=np.float32)
     for d, name in enumerate(domains):
         path = os.path.join(folder, f'{name}.{suffix}')
-        if not os.path.exists(path):
-            raise DataError(f'{path}: feature file of domain {name!r} (listed in .pt_datasets) not found')
-        size = os.path.getsize(path)
-        if size % (dim * 4):
-            raise DataError(f'{path}: size {size} bytes is not a multiple of {dim} float32 columns')
-        item_map = os.path.join(folder, f'{name}.item2index')
-        if os.path.exists(item_map):   # a width that happens to divide the size reads scrambled rows
-            expected = count_lines(item_map)
-            if size != expected * dim * 4:
-                raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but {name}.item2index '
-                                f'lists {expected} items; check plm_size/img_size (the file would have '
-                                f'{size / (expected * 4):g} columns)')
+        check_feature_file(path, dim, f'feature file of domain {name!r} (listed in .pt_datasets)',
+                           os.path.join(folder, f'{name}.item2index'))
         sel = np.nonzero(dom == d)[0]
         if not len(sel):
             continue
@@ -106,11 +96,7 @@ class PretrainDataset:
     """
 
     def __init__(self, config):
-        self.name = config['dataset']
-        self.path = os.path.join(config['data_path'], self.name)
-        if not os.path.isdir(self.path):
-            raise DataError(f"{self.path}: pre-training dataset folder not found "
-                            f"(data_path = {config['data_path']!r}, dataset = {self.name!r})")
+        self.name, self.path = dataset_folder(config, 'pre-training dataset')
         inter = os.path.join(self.path, f'{self.name}.train.inter')
         rows = read_inter(inter, PRETRAIN_TOKEN)
         self.domains = read_domains(os.path.join(self.path, f'{self.name}.pt_datasets'))
@@ -119,11 +105,9 @@ class PretrainDataset:
         self.n_items = len(tokens) + 1
         dom, row = parse_tokens(self.item_tokens, self.domains, inter)
 
-        seq, lengths = pad_histories(hist_ids, rows.offsets, config['MAX_ITEM_LIST_LENGTH'])
-        self.split = {'item_seq': seq, 'item_seq_len': lengths,
-                      'item_id': torch.from_numpy(target_ids.astype(np.int64))}
+        self.split = split_tensors(hist_ids, rows.offsets, target_ids, config['MAX_ITEM_LIST_LENGTH'])
         del rows
-        self.pad_len = seq.shape[1]
+        self.pad_len = self.split['item_seq'].shape[1]
 
         self.modalities = [m for m in MODALITIES if m in config['modal_type']]
         if not self.modalities:

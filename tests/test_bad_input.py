@@ -68,7 +68,7 @@ CASES = {
     'feature size not a multiple': (lambda d: (d / 'Demo.feat1CLS').write_bytes(
         (d / 'Demo.feat1CLS').read_bytes()[:-4]), [], f'is not a multiple of {DIM} float32 columns'),
     'feature width differs from plm_size': (lambda d: None, [f'--plm_size={DIM // 2}'],
-                                            'but the item map lists 60 items; check plm_size'),
+                                            'but Demo.item2index lists 60 items; check plm_size'),
     'NaN feature': (lambda d: _poke(d / 'Demo.feat1CLS', np.nan), [], 'holds NaN or infinite values'),
     'infinite feature': (lambda d: _poke(d / 'Demo.feat3CLS', np.inf), [], 'holds NaN or infinite values'),
     'unknown key': (lambda d: None, ['--hiden_size=8'], "unknown config key 'hiden_size'; did you mean 'hidden_size'"),

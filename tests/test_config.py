@@ -1,6 +1,4 @@
 """Config precedence, YAML typing and checks (SPEC 2)."""
-import os
-
 import pytest
 
 from config import Config, ConfigError, parse_overrides, stage_files

@@ -4,7 +4,6 @@ Workers are started with `torch.multiprocessing.spawn` (as `python ddp_pretrain.
 each writes its values to a file that the test compares. Also distributed.py's device and launch helpers.
 """
 import os
-import pathlib
 import subprocess
 import sys
 import time

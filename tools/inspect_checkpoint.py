@@ -58,7 +58,7 @@ def describe(ckpt: dict, show_keys: bool = False) -> List[str]:
                          else f'{key}: {value}')
     other = [k for k in ckpt if k not in ('config', 'state_dict', 'epoch', 'cur_step', 'best_valid_score')]
     for key in [k for k in other if isinstance(ckpt[k], (int, float, str)) or ckpt[k] is None]:
-        lines.append(f'{key}: {ckpt[key]}')                            # e.g. next_epoch, world_size
+        lines.append(f'{key}: {ckpt[key]}')                            # e.g. best_valid_epoch, best_model_file
         other.remove(key)
     if other:
         lines.append(f"other entries: {', '.join(map(str, other))}")
