@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import quick_start
 from config import Config
 from data import INTER_HEADER
 from data.dataset import DataError, SeqDataset
@@ -63,19 +62,6 @@ def test_histories_keep_the_last_50_items_with_one_warning(tmp_path, caplog):
     ids = {t: i + 1 for i, t in enumerate(ds.item_tokens)}
     assert ds.splits['train']['item_seq'][0].tolist() == [ids[t] for t in long_hist[-50:]]
     assert ds.pad_len == 50
-
-
-def test_the_warning_reaches_the_log_of_the_run(tmp_path):
-    """Read (and warned about) before the log file exists; the run's log has the warning."""
-    long_hist = [str(i % 9 + 1) for i in range(60)]
-    cfg = write_dataset(tmp_path, train=[('0', long_hist, '1'), ('1', long_hist[:3], '2')],
-                        valid=[('0', ['1'], '2')], test=[('0', ['1', '2'], '3')])
-    for key, value in dict(log_dir=str(tmp_path / 'log'), checkpoint_dir=str(tmp_path / 'saved'), epochs=1,
-                           hidden_size=8, inner_size=8, n_heads=2, use_gpu=False, show_progress=False).items():
-        cfg[key] = value
-    log = open(quick_start.finetune(cfg)['log']).read()
-    assert 'WARNING  1 histories are longer than MAX_ITEM_LIST_LENGTH = 50' in log
-    assert log.index('histories are longer') < log.index('epoch 0 training')
 
 
 @pytest.mark.parametrize('content,message', [

@@ -123,7 +123,14 @@ def test_word_drop_deterministic():
     text = "one two three four five six seven eight nine ten"
     a = extract_features.word_drop(text, 0.2, 2020, 7)
     assert a == extract_features.word_drop(text, 0.2, 2020, 7)
-    assert len(a.split()) < 10 or a == text
+    # each word kept where its draw from the (seed, index) stream is >= ratio, in order
+    draws = np.random.default_rng([2020, 7]).random(10)
+    assert a == " ".join(w for w, r in zip(text.split(), draws) if r >= 0.2)
+    # other items drop other words, about `ratio` of them, and never all of them
+    dropped = [extract_features.word_drop(text, 0.2, 2020, i) for i in range(50)]
+    assert len(set(dropped)) > 10
+    assert 0.12 < 1 - sum(len(d.split()) for d in dropped) / 500 < 0.28
+    assert all(extract_features.word_drop(text, 0.99, 2020, i) for i in range(50))
     assert extract_features.word_drop("solo", 0.99, 1, 1) == "solo"
     assert extract_features.word_drop(text, 0.0, 1, 1) == text
 
