@@ -13,8 +13,9 @@ in fine-tuning, the early-stopping state (`cur_step`, `best_valid_score`,
 atomically (a temporary file renamed over the name), so a kill never leaves a
 partial checkpoint.
 
-Our checkpoints hold only plain values and open with `torch.load(..., weights_only=True)`. The original code's checkpoints hold
-a pickled `recbole.config.configurator.Config` (with RecBole enum members, a
+Our checkpoints hold only plain values and open with `torch.load(...,
+weights_only=True)`. The original code's checkpoints hold a pickled
+`recbole.config.configurator.Config` (with RecBole enum members, a
 `torch.device`, the model and YAML-loader classes, numpy scalars) that
 `weights_only` refuses. Those are opened with a restricted unpickler that
 resolves only an explicit allow-list of globals, and never imports recbole or

@@ -76,15 +76,16 @@ def init_logger(config, name_parts, main_process=True):
     root = logging.getLogger()
     kept = _HANDLERS.pop()
     root.removeHandler(kept)
+    records = list(kept.buffer)
+    kept.close()                                                       # (closing empties the buffer)
     if not main_process:
         return None
     os.makedirs(config['log_dir'], exist_ok=True)
     path = os.path.join(config['log_dir'], '-'.join(p for p in name_parts if p) + '.log')
     handler = logging.FileHandler(path)
     handler.setFormatter(_FORMAT)
-    for record in kept.buffer:
+    for record in records:
         handler.handle(record)
-    kept.close()
     _HANDLERS.append(handler)
     root.addHandler(handler)
     return path

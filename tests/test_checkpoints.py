@@ -84,7 +84,8 @@ def test_config_without_final_dict_gives_its_recorded_state(tmp_path, fake_recbo
 
 def test_our_checkpoint_loads_with_weights_only(tmp_path):
     state = {'position_embedding.weight': torch.randn(50, 8)}
-    atomic_save({'config': {'dataset': 'Demo', 'hidden_size': 8}, 'epoch': 2, 'state_dict': state}, str(tmp_path / 'o.pth'))
+    atomic_save({'config': {'dataset': 'Demo', 'hidden_size': 8}, 'epoch': 2, 'state_dict': state},
+                str(tmp_path / 'o.pth'))
     ckpt = load_checkpoint(tmp_path / 'o.pth')
     assert ckpt['config'] == {'dataset': 'Demo', 'hidden_size': 8} and ckpt['epoch'] == 2
     assert torch.equal(ckpt['state_dict']['position_embedding.weight'], state['position_embedding.weight'])

@@ -155,7 +155,7 @@ def test_a_failing_rank_stops_the_job_with_its_error(capfd):
         spawn(_failing, 2)
     assert time.time() - start < 60
     err = capfd.readouterr().err
-    assert 'rank 1 failed:' in err and 'ValueError: rank 1 fails on purpose' in err   # ... and the rank's error is shown
+    assert 'rank 1 failed:' in err and 'ValueError: rank 1 fails on purpose' in err   # ... and its error shown
 
 
 def test_cli_two_cpu_processes(data, tmp_path):

@@ -137,7 +137,8 @@ def test_quirk_keeps_unaugmented_image_side(pre):
     assert torch.equal(fixed['index_aug']['img'], fixed['index_aug']['text'])
     assert torch.equal(quirk['index_aug']['img'], quirk['index']['img'])
     assert torch.equal(quirk['empty_aug']['img'], quirk['empty']['img'])
-    assert torch.equal(quirk['modal_seq_aug']['img'], seq) and torch.equal(quirk['modal_seq_aug']['text'], quirk['item_seq_aug'])
+    assert torch.equal(quirk['modal_seq_aug']['img'], seq)
+    assert torch.equal(quirk['modal_seq_aug']['text'], quirk['item_seq_aug'])
     assert torch.equal(fixed['modal_seq_aug']['img'], fixed['item_seq_aug'])
     # the interests the model looks up for the augmented copy: the image block is the un-augmented one
     L = seq.shape[1]
