@@ -18,9 +18,10 @@ class ToolError(Exception):
 
 
 @contextlib.contextmanager
-def _temp_beside(path: str, mode: str, encoding: Optional[str]) -> Iterator:
-    """Yield (file, temp path) of a new hidden temp file in the folder of ``path``; flush and
-    fsync it at the end of the block; remove it on any exception."""
+def _temp_beside(path: str, mode: str, encoding: Optional[str], replace: bool = False) -> Iterator:
+    """Yield (file, temp path) of a new hidden temp file in the folder of ``path``; at the end of
+    the block flush and fsync it (and with ``replace`` rename it onto ``path``); remove it on any
+    exception."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -32,6 +33,8 @@ def _temp_beside(path: str, mode: str, encoding: Optional[str]) -> Iterator:
             yield fp, tmp
             fp.flush()
             os.fsync(fp.fileno())
+        if replace:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -42,15 +45,8 @@ def _temp_beside(path: str, mode: str, encoding: Optional[str]) -> Iterator:
 def atomic_open(path: str, mode: str = "w", encoding: Optional[str] = "utf-8") -> Iterator:
     """Open a temp file in the same folder as ``path``; on success flush, fsync and
     ``os.replace`` it onto ``path``; on any exception remove it (``path`` untouched)."""
-    path = os.fspath(path)
-    with _temp_beside(path, mode, encoding) as (fp, tmp):
+    with _temp_beside(os.fspath(path), mode, encoding, replace=True) as (fp, _):
         yield fp
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
