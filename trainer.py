@@ -15,6 +15,7 @@ The log lines follow the original's, so logs compare line by line:
     valid result:
     hit@10 : 0.127    hit@50 : 0.2507    ndcg@10 : 0.067    ndcg@50 : 0.0934
 """
+import ctypes
 import logging
 import logging.handlers
 import os
@@ -49,6 +50,28 @@ def init_seed(seed, reproducibility=True):
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.benchmark = not reproducibility
     torch.backends.cudnn.deterministic = reproducibility
+
+
+class HeapTrimmer:
+    """Returns freed heap memory to the system at most every few seconds.
+
+    Batches of changing shapes leave glibc's heap fragmented, and the process keeps
+    every page it ever touched: fine-tuning a Scientific-sized set grew by ~25 MB/s.
+    `malloc_trim(0)` every 3 s keeps it flat for about 3% of the epoch time (after
+    every step it cost 34%); where the C library is not glibc it does nothing."""
+
+    def __init__(self, interval_s=3.0):
+        self.interval_s, self.last = interval_s, time.perf_counter()
+        try:
+            self.trim = ctypes.CDLL('libc.so.6').malloc_trim
+        except (OSError, AttributeError):    # not glibc
+            self.trim = None
+
+    def __call__(self):
+        now = time.perf_counter()
+        if self.trim is not None and now - self.last >= self.interval_s:
+            self.trim(0)
+            self.last = time.perf_counter()
 
 
 def start_logging(main_process=True):
@@ -212,6 +235,7 @@ class _Loop:
         self.model.train()
         batches.set_epoch(epoch)
         total = 0.0
+        trim = HeapTrimmer()
         it = tqdm(batches, desc=f'Train {epoch:>5}', ncols=100) if self.show_progress else batches
         for i, batch in enumerate(it):
             try:
@@ -219,6 +243,7 @@ class _Loop:
             except FloatingPointError as e:
                 raise FloatingPointError(f'{e} at epoch {epoch}, batch {i}; '
                                          f'the last good checkpoint is {self.last_good()}') from None
+            trim()
         return total
 
     def _fit_epoch(self, batches, epoch):

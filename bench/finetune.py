@@ -4,6 +4,13 @@ memory on CUDA).
 
     python bench/finetune.py                                   # Scientific_mini, run01 setting
     python bench/finetune.py --epochs 3 -- --train_stage=inductive_ft --kmeans_mode=lloyd
+    python bench/finetune.py --scientific-size --baseline c0f10eb   # whole runs, two trees
+
+`--scientific-size` generates a set of Scientific_mm_full's shape (8,442 users,
+4,385 items, 512-d text and image features, histories of 5-10 items) and times
+whole `finetune.py` runs (run01 setting, `--epochs`) of this tree and, with
+`--baseline REV`, of `git archive REV` in the same run: seconds per training
+epoch from the log lines, and each run's peak RSS (whole process).
 
 Prints a table and ends with one line `RESULT key=value ...`. The original
 code's figures on the same data and machine kind (ORIGINAL_ON_MINI.md): a
@@ -11,9 +18,12 @@ median training epoch of 63.1 s (run01) and a median validation of 5.1 s.
 """
 import argparse
 import os
+import re
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,14 +47,68 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# measured before this mode existed, on a set of this shape with 384-d text (issue 13 of the tracker)
+SCIENTIFIC_FIRST_MEASURED = {'epoch_s': 24.5, 'peak_rss_gb_2_epochs': 2.26, 'peak_rss_gb_full_run': 3.07}
+
+
+def run_cli(tree, data_path, epochs, out_dir):
+    """One `finetune.py` run in `tree`; returns (epoch seconds, losses, peak RSS GB)."""
+    cmd = [sys.executable, 'finetune.py', '-d', 'SciLike', '-mode', 'transductive', f'--data_path={data_path}',
+           f'--epochs={epochs}', f'--checkpoint_dir={out_dir}', '--show_progress=False']
+    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        sys.exit(f'error: {tree}: finetune.py failed:\n{log[-2000:]}')
+    found = re.findall(r'epoch \d+ training \[time: ([0-9.]+)s, train loss: ([0-9.]+)\]', log)
+    return [float(t) for t, _ in found], [float(v) for _, v in found], usage.ru_maxrss / 2 ** 20
+
+
+def scientific_size(args):
+    sys.path.insert(0, ROOT)
+    from tools.make_demo_data import write_downstream
+    with tempfile.TemporaryDirectory() as tmp:
+        write_downstream(tmp, name='SciLike', n_users=8442, n_items=4385, dim=512, seed=0, min_len=5, max_len=10)
+        trees = {'this tree': ROOT}
+        if args.baseline:
+            base = os.path.join(tmp, 'baseline')
+            os.makedirs(base)
+            archive = subprocess.run(['git', '-C', ROOT, 'archive', args.baseline], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(['tar', '-x', '-C', base], input=archive, check=True)
+            trees = {f'baseline {args.baseline}': base, **trees}
+        print(f'Scientific-sized set (8,442 users, 4,385 items, 512-d text + image), run01 setting, '
+              f'{args.epochs} epochs, whole finetune.py runs')
+        print('| code | median epoch s | epochs s | train losses | peak RSS GB |\n|---|---|---|---|---|')
+        results = {}
+        for name, tree in trees.items():
+            times, losses, rss = run_cli(tree, tmp, args.epochs, os.path.join(tmp, 'saved-' + name[:4]))
+            results[name] = (statistics.median(times), rss)
+            print(f"| {name} | {results[name][0]:.2f} | {', '.join(f'{t:.2f}' for t in times)} | "
+                  f"{', '.join(f'{v:.4f}' for v in losses)} | {rss:.2f} |", flush=True)
+    print(f'first measured on this machine kind (before this mode): {SCIENTIFIC_FIRST_MEASURED}')
+    epoch_s, rss = results['this tree']
+    parts = [f'epoch_s={epoch_s:.2f}', f'peak_rss_gb={rss:.2f}']
+    if args.baseline:
+        base_s, base_rss = results[f'baseline {args.baseline}']
+        parts += [f'speedup={base_s / epoch_s:.2f}', f'rss_ratio={rss / base_rss:.2f}']
+    print('RESULT dataset=scientific_size ' + ' '.join(parts))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-d', default='Scientific_mini')
     parser.add_argument('--data_path', default=os.path.join('..', 'shared', 'datasets', 'downstream'))
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--scientific-size', action='store_true', help='whole runs on a generated set of '
+                        "Scientific_mm_full's shape (see above)")
+    parser.add_argument('--baseline', default='', help='with --scientific-size: also run this git revision')
     parser.add_argument('overrides', nargs='*', help='--key=value config overrides (after --)')
     args = parser.parse_args()
+    if args.scientific_size:
+        return scientific_size(args)
     overrides = dict(parse_overrides(args.overrides), data_path=args.data_path, show_progress=False)
     config = Config(args.d, stage_files('finetune'), overrides)
     init_seed(config['seed'])
