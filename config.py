@@ -2,8 +2,8 @@
 
 Values merge in this order, later wins:
 
-    DEFAULTS  <  props/MISSRec.yaml  <  stage file (props/pretrain.yaml or props/finetune.yaml)
-              <  --key=value
+    DEFAULTS  <  props/{model}.yaml (MISSRec.yaml; SASRec.yaml or Pop.yaml for the baselines)
+              <  stage file (props/pretrain.yaml or props/finetune.yaml)  <  --key=value
 
 Every key has one snake_case name in YAML, in `config[key]` and on the command
 line. Unknown keys are rejected with the closest known key suggested; values
@@ -51,7 +51,9 @@ DEFAULTS = {
     'pretrained_file': '',
     'freeze_trm': True,
     'script': '',
-    # model (SPEC 2)
+    'tensorboard': False,     # also write TensorBoard event files (needs the optional `tensorboard` package)
+    # model (SPEC 2); `model` picks MISSRec or a baseline (sasrec.py) and its props file
+    'model': 'MISSRec',
     'n_layers': 2,
     'n_heads': 4,
     'hidden_size': 300,
@@ -108,7 +110,10 @@ DEFAULTS = {
     'contrastive_negatives': 'global',
 }
 
+MODELS = ('MISSRec', 'SASRec', 'Pop')
+
 CHOICES = {
+    'model': MODELS,
     'modal_type': ('none', 'text', 'img', 'img_text'),
     'id_type': ('none', 'id'),
     'seq_mm_fusion': ('add', 'contextual'),
@@ -191,7 +196,8 @@ class Config:
         if c['gpu_id'] is not None and not re.fullmatch(r'\d+(,\d+)*', str(c['gpu_id'])):
             raise ConfigError(f"{self.sources.get('gpu_id', 'defaults')}: gpu_id = {c['gpu_id']!r}; "
                               "expected GPU indices like 0 or '0,1'")
-        if not isinstance(c['n_layers'], int) or c['n_layers'] < 2 or c['n_layers'] % 2:
+        if c['model'] == 'MISSRec' and (not isinstance(c['n_layers'], int) or c['n_layers'] < 2
+                                        or c['n_layers'] % 2):
             raise ConfigError(f"{self.sources.get('n_layers', 'defaults')}: n_layers = {c['n_layers']!r}; "
                               'expected an even integer >= 2 (half encoder, half decoder layers)')
         if not isinstance(c['interest_ratio'], (int, float)) or not 0 < c['interest_ratio'] <= 1:
@@ -241,6 +247,7 @@ class Config:
         return '\n'.join(f'{k} = {v}' for k, v in self.final.items())
 
 
-def stage_files(stage):
-    """The stacked props files of a stage ('pretrain' or 'finetune')."""
-    return [os.path.join(PROPS_DIR, 'MISSRec.yaml'), os.path.join(PROPS_DIR, f'{stage}.yaml')]
+def stage_files(stage, model='MISSRec'):
+    """The stacked props files of a stage ('pretrain' or 'finetune') for a model: props/{model}.yaml
+    (a baseline's in place of MISSRec's), then the stage's."""
+    return [os.path.join(PROPS_DIR, f'{model}.yaml'), os.path.join(PROPS_DIR, f'{stage}.yaml')]

@@ -1,7 +1,7 @@
 """What the entry scripts run (RecBole's quick_start): their command lines, one fine-tuning or
 pre-training run of one process, launching one process or several, and the final report.
 
-    finetune.py, ddp_finetune.py  ->  main('finetune', ...)
+    finetune.py, ddp_finetune.py  ->  main('finetune', ...)   (-m MISSRec | SASRec | Pop)
     ddp_pretrain.py               ->  main('pretrain', ...)
 
     from quick_start import build_config, finetune, parse_args
@@ -21,11 +21,12 @@ import torch
 import distributed as D
 import metrics as M
 from checkpoints import CheckpointError, load_pretrained
-from config import Config, ConfigError, parse_overrides, stage_files
+from config import MODELS, Config, ConfigError, parse_overrides, stage_files
 from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
 from missrec import MISSRec
+from sasrec import Pop, SASRec
 from trainer import Pretrainer, Trainer, init_logger, init_seed, local_time, start_logging
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def parse_args(stage, argv=None, description=None):
         parser.add_argument('-f', '--freeze', action=argparse.BooleanOptionalAction, default=True,
                             help='with -p: freeze the position embedding and the Transformer (default on)')
         parser.add_argument('-mode', choices=['transductive', 'inductive'], default='transductive')
+        parser.add_argument('-m', '--model', choices=MODELS, default='MISSRec',
+                            help='MISSRec, or a baseline of sasrec.py: SASRec (props/SASRec.yaml in place of '
+                            'props/MISSRec.yaml) or Pop (most-popular: no training)')
     parser.add_argument('-props', type=str, default='', help='comma-separated props files '
                         f'(default: props/MISSRec.yaml,props/{stage}.yaml)')
     parser.add_argument('-note', type=str, default='', help='a word added to the log file name')
@@ -67,7 +71,9 @@ def build_config(stage, args, rest):
     else:
         overrides['train_stage'] = 'pretrain'
     overrides['note'] = args.note
-    files = args.props.split(',') if args.props else stage_files(stage)
+    model = getattr(args, 'model', 'MISSRec')
+    overrides['model'] = model
+    files = args.props.split(',') if args.props else stage_files(stage, model)
     return Config(dataset=args.d, config_files=files, overrides=overrides)
 
 
@@ -80,7 +86,14 @@ def _check_resume(path):
 def build_finetune(config, device):
     """Dataset and model (with the pre-trained weights if any) of a fine-tuning run, and the
     lines to log about the loaded weights."""
+    name = config['model']
+    if name != 'MISSRec' and (config['train_stage'] != 'transductive_ft' or config['pretrained_file']):
+        raise ConfigError(f'{name}: an ID-based baseline; it takes neither -mode inductive nor -p')
     dataset = SeqDataset(config)
+    if name == 'SASRec':
+        return dataset, SASRec(config, dataset.n_items).to(device), []
+    if name == 'Pop':
+        return dataset, Pop(dataset.splits['train']['item_id'], dataset.n_items).to(device), []
     model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
     loaded = []
     if config['pretrained_file']:
@@ -101,7 +114,7 @@ def finetune(config, resume=''):
         init_seed(config['seed'] + D.rank(), config['reproducibility'])
     _check_resume(resume)
 
-    log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], config['train_stage'],
+    log_path = init_logger(config, [config['model'], config['dataset'], config['note'], config['train_stage'],
                                     local_time()], main_process=D.is_main_process())
     logger.info('\n' + str(config) + '\n')
     logger.info(str(dataset))
@@ -119,15 +132,22 @@ def finetune(config, resume=''):
     valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard)
     test = SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard)
     trainer = Trainer(config, model, device)
+    if config['model'] == 'Pop':   # nothing to learn: the counts are the model, evaluated as they are
+        return finish(trainer, dataset, config, test, log_path, valid)
     if resume:
         trainer.resume(resume)
     trainer.fit(train, valid)
     return finish(trainer, dataset, config, test, log_path)
 
 
-def finish(trainer, dataset, config, test_batches, log_path):
-    """Reload the best checkpoint, evaluate on test, log the final lines (SPEC 5)."""
-    trainer.load_best()
+def finish(trainer, dataset, config, test_batches, log_path, untrained_valid=None):
+    """Reload the best checkpoint, evaluate on test, log the final lines (SPEC 5). With
+    `untrained_valid` (Pop) the model is evaluated as it is on those batches, and no checkpoint exists."""
+    if untrained_valid is None:
+        trainer.load_best()
+    else:
+        trainer.best_valid_result = trainer.evaluate(untrained_valid, desc='Valid')
+        trainer.saved_model_file = None
     test_results = trainer.evaluate(test_batches, desc='Test')
     best = trainer.best_valid_result
     logger.info(f'best valid : {M.ordered_repr(trainer.primary(best))}')
@@ -136,7 +156,8 @@ def finish(trainer, dataset, config, test_batches, log_path):
     logger.info(f'test result (original top-K+1): {M.ordered_repr(test_results[1])}')
     pop = popularity_result(dataset, config)
     logger.info(f'most-popular baseline, test: {M.ordered_repr(pop)}')
-    return {'best_valid': best, 'test': test_results, 'popularity': pop, 'log': log_path,
+    return {'model': config['model'], 'best_valid': best, 'test': test_results, 'popularity': pop,
+            'log': log_path,
             'checkpoint': trainer.saved_model_file, 'best_epoch': trainer.best_valid_epoch}
 
 
@@ -153,8 +174,9 @@ def popularity_result(dataset, config):
 
 def print_table(out):
     """The test metrics of a fine-tuning run as a markdown table, then the log and checkpoint."""
-    rows = [('MISSRec test (exact top-K)', out['test'][0]),
-            ('MISSRec test (original top-K+1)', out['test'][1]),
+    name = out.get('model', 'MISSRec')
+    rows = [(f'{name} test (exact top-K)', out['test'][0]),
+            (f'{name} test (original top-K+1)', out['test'][1]),
             ('most-popular test (exact top-K)', out['popularity'])]
     keys = list(out['test'][0])
     print('\n| run | ' + ' | '.join(keys) + ' |')

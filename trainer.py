@@ -124,6 +124,8 @@ def has_unused_parameters(model):
     transductive_ft and id_type none the ID embedding exists (the original's module) but is unused."""
     def trainable(module):
         return module is not None and any(p.requires_grad for p in module.parameters())
+    if not isinstance(model, MISSRec):   # the baselines (sasrec.py) use every parameter
+        return False
     return ((not model.modalities and trainable(model.trm_model.encoder))
             or (not model.use_id and trainable(model.item_embedding)))
 
@@ -280,7 +282,7 @@ class Trainer(_Loop):
         self.original_metrics = config['eval_topk_plus_one']
         self.valid_metric = config['valid_metric'].lower()
         self.saved_model_file = D.broadcast_object(      # one name on every rank
-            os.path.join(config['checkpoint_dir'], f'MISSRec-{local_time()}.pth'))
+            os.path.join(config['checkpoint_dir'], f"{config['model']}-{local_time()}.pth"))
         self.cur_step = 0
         self.best_valid_score = -np.inf
         self.best_valid_result = None
