@@ -84,6 +84,7 @@ DEFAULTS = {
     'pretrain_epochs': 100,
     'save_step': 10,
     'ckpt_suffix': '',
+    'overwrite': False,          # pre-training: replace existing checkpoints of the same name
     'train_batch_size': 512,
     'eval_batch_size': 1024,
     'learner': 'adam',

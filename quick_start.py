@@ -20,7 +20,7 @@ import torch
 
 import distributed as D
 import metrics as M
-from checkpoints import CheckpointError, load_pretrained
+from checkpoints import CheckpointError, load_checkpoint, load_pretrained, shape_mismatches, state_dict_of
 from config import MODELS, Config, ConfigError, parse_overrides, stage_files
 from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
@@ -50,6 +50,9 @@ def parse_args(stage, argv=None, description=None):
         parser.add_argument('-m', '--model', choices=MODELS, default='MISSRec',
                             help='MISSRec, or a baseline of sasrec.py: SASRec (props/SASRec.yaml in place of '
                             'props/MISSRec.yaml) or Pop (most-popular: no training)')
+        parser.add_argument('--eval_only', action='store_true', help='with -p CKPT (a fine-tuned checkpoint, '
+                            "ours or the original code's) and the training run's data flags: print its valid and "
+                            'test metrics in both conventions; no training, no checkpoint written')
     parser.add_argument('-props', type=str, default='', help='comma-separated props files '
                         f'(default: props/MISSRec.yaml,props/{stage}.yaml)')
     parser.add_argument('-note', type=str, default='', help='a word added to the log file name')
@@ -66,7 +69,7 @@ def build_config(stage, args, rest):
     overrides = parse_overrides(rest)
     if stage == 'finetune':
         overrides.setdefault('train_stage', f'{args.mode}_ft')
-        overrides['pretrained_file'] = args.p
+        overrides['pretrained_file'] = '' if args.eval_only else args.p
         overrides['freeze_trm'] = args.freeze
     else:
         overrides['train_stage'] = 'pretrain'
@@ -186,6 +189,79 @@ def print_table(out):
     print(f"\nlog: {out['log']}\nbest checkpoint: {out['checkpoint']} (epoch {out['best_epoch']})")
 
 
+# ------------------------------------------------------ evaluating a checkpoint
+# what a checkpoint's stored config decides over the command line: the model's structure
+STRUCTURE_KEYS = ('model', 'train_stage', 'n_layers', 'n_heads', 'hidden_size', 'inner_size', 'hidden_act',
+                  'layer_norm_eps', 'plm_size', 'img_size', 'temperature', 'modal_type', 'id_type',
+                  'seq_mm_fusion', 'item_mm_fusion', 'interest_ratio', 'MAX_ITEM_LIST_LENGTH')
+
+
+def checkpoint_config(config, stored, path):
+    """The run's config with the model structure of the checkpoint's stored config (ours, or the original
+    code's RecBole config), and the lines saying which values the checkpoint changed."""
+    values, lines = config.to_dict(), []
+    for key in STRUCTURE_KEYS:
+        if key in stored and stored[key] != values[key] and not (key == 'model' and stored[key] not in MODELS):
+            lines.append(f'{key} = {stored[key]!r} (from the checkpoint; the command line says {values[key]!r})')
+            values[key] = stored[key]
+    values['pretrained_file'] = ''
+    try:
+        return Config(dataset=values.pop('dataset'), overrides=values), lines
+    except ConfigError as e:
+        raise CheckpointError(f'{path}: stored config: {e}') from None
+
+
+def evaluate_checkpoint(config, path):
+    """One process of `--eval_only -p CKPT`: load a fine-tuned checkpoint (ours, or the original code's
+    through the safe loader) strictly, buffers and interest tables included, and evaluate it on valid
+    and test in both conventions. No training, no interest discovery, no checkpoint and no log file.
+
+    Returns {'model', 'checkpoint', 'valid', 'test', 'rank0'}; valid and test are (exact top-K,
+    original top-K+1) OrderedDicts."""
+    start_logging(D.is_main_process())
+    ckpt = load_checkpoint(path)
+    state = state_dict_of(ckpt, path)
+    stored = ckpt.get('config') or {}
+    if stored.get('train_stage') == 'pretrain':
+        raise CheckpointError(f'{path}: a pre-training checkpoint; --eval_only takes a fine-tuned one')
+    config, lines = checkpoint_config(config, stored, path)
+    if config['model'] == 'Pop':
+        raise ConfigError('Pop has no checkpoint: run finetune.py -m Pop')
+    device = D.process_device(config['use_gpu'])
+    dataset, model, _ = build_finetune(config, device)
+    wrong = shape_mismatches(model, state)
+    if wrong:
+        raise CheckpointError(f'{path}: parameter shapes do not fit dataset {config["dataset"]} '
+                              f'({dataset.n_items} item rows): {"; ".join(wrong[:3])}; same data flags as training?')
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f'{path}: state dict does not match the {config["model"]} model of its config '
+                              f'(missing: {result.missing_keys[:5]}; unexpected: {result.unexpected_keys[:5]})')
+    logger.info(f'Evaluating {path} (epoch {ckpt.get("epoch", "unknown")}) on {config["dataset"]}')
+    for line in lines:
+        logger.info(line)
+    shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
+    trainer = Trainer(config, model, device)
+    valid = trainer.evaluate(SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard), desc='Valid')
+    test = trainer.evaluate(SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard), desc='Test')
+    for split, res in (('valid', valid), ('test', test)):
+        logger.info(f'{split} result: {M.ordered_repr(res[0])}')
+        logger.info(f'{split} result (original top-K+1): {M.ordered_repr(res[1])}')
+    return {'model': config['model'], 'checkpoint': path, 'valid': valid, 'test': test, 'log': None,
+            'rank0': D.is_main_process()}
+
+
+def print_evaluation(out):
+    """The valid and test metrics of `evaluate_checkpoint` in both conventions as a markdown table."""
+    keys = list(out['test'][0])
+    print(f"\n{out['model']} checkpoint {out['checkpoint']}\n")
+    print('| split | ' + ' | '.join(keys) + ' |')
+    print('|---|' + '---|' * len(keys))
+    for split in ('valid', 'test'):
+        for j, convention in enumerate(('exact top-K', 'original top-K+1')):
+            print(f'| {split} ({convention}) | ' + ' | '.join(f"{out[split][j][k]:.4f}" for k in keys) + ' |')
+
+
 # ---------------------------------------------------------------- pre-training
 def pretrain(config, resume=''):
     """One process's pre-training run (a process group, if any, is set up).
@@ -234,7 +310,7 @@ def process_main(run, config, resume='', report=None):
         raise
     finally:
         D.teardown()
-    if report and out['log']:                                # the log path: rank 0 only
+    if report and (out['log'] or out.get('rank0')):          # the log path: rank 0 only
         report(out)
     return 0
 
@@ -258,4 +334,10 @@ def main(stage, argv=None, nproc=1, description=None):
         print(f'error: {e}', file=sys.stderr)
         return 2
     run, report = (finetune, print_table) if stage == 'finetune' else (pretrain, None)
+    if getattr(args, 'eval_only', False):
+        if not args.p or args.resume:
+            print('error: --eval_only evaluates the fine-tuned checkpoint given with -p CKPT '
+                  '(and takes no --resume)', file=sys.stderr)
+            return 2
+        return D.launch(process_main, nproc, evaluate_checkpoint, config, args.p, print_evaluation)
     return D.launch(process_main, nproc, run, config, args.resume, report)

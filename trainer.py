@@ -20,6 +20,7 @@ import logging
 import logging.handlers
 import os
 import random
+import secrets
 import sys
 import time
 
@@ -104,7 +105,7 @@ def init_logger(config, name_parts, main_process=True):
     if not main_process:
         return None
     os.makedirs(config['log_dir'], exist_ok=True)
-    path = os.path.join(config['log_dir'], '-'.join(p for p in name_parts if p) + '.log')
+    path = log_file(config, name_parts)
     handler = logging.FileHandler(path)
     handler.setFormatter(_FORMAT)
     for record in records:
@@ -116,6 +117,28 @@ def init_logger(config, name_parts, main_process=True):
 
 def local_time():
     return time.strftime('%b-%d-%Y_%H-%M-%S')
+
+
+def claim_run_id(config, name_parts):
+    """A run id no other run has: the start time and a random suffix, claimed by creating the
+    run's log file `{log_dir}/{name_parts}-{id}.log` exclusively (rank 0; every rank gets the id).
+    The log, the best checkpoint and `-last.pth` are named after it, so runs started in the same
+    second (a sweep, several GPUs of one machine, a shared folder) never write each other's files."""
+    run_id = None
+    if D.is_main_process():
+        os.makedirs(config['log_dir'], exist_ok=True)
+        while run_id is None:
+            candidate = f'{local_time()}-{secrets.token_hex(3)}'
+            try:
+                open(log_file(config, name_parts + [candidate]), 'x').close()
+                run_id = candidate
+            except FileExistsError:
+                continue
+    return D.broadcast_object(run_id)
+
+
+def log_file(config, name_parts):
+    return os.path.join(config['log_dir'], '-'.join(p for p in name_parts if p) + '.log')
 
 
 def has_unused_parameters(model):
@@ -274,15 +297,15 @@ class Trainer(_Loop):
         device: torch device of the model and batches.
     """
 
-    def __init__(self, config, model, device):
+    def __init__(self, config, model, device, run_id=None):
         super().__init__(config, model, device, gather=D.all_gather_with_grad if D.is_dist() else None)
         self.epochs = config['epochs']
         self.eval_step = config['eval_step']
         self.stopping_step = config['stopping_step']
         self.original_metrics = config['eval_topk_plus_one']
         self.valid_metric = config['valid_metric'].lower()
-        self.saved_model_file = D.broadcast_object(      # one name on every rank
-            os.path.join(config['checkpoint_dir'], f"{config['model']}-{local_time()}.pth"))
+        run_id = run_id or D.broadcast_object(f'{local_time()}-{secrets.token_hex(3)}')   # one name on every rank
+        self.saved_model_file = os.path.join(config['checkpoint_dir'], f"{config['model']}-{run_id}.pth")
         self.cur_step = 0
         self.best_valid_score = -np.inf
         self.best_valid_result = None
@@ -419,6 +442,17 @@ class Pretrainer(_Loop):
 
     def resume(self, path):
         return super().resume(path, 'a pre-training checkpoint of this project')
+
+    def check_overwrite(self, resumed):
+        """Stop before training when a checkpoint this run would write already exists (another
+        run's, e.g. the same corpus with other settings), unless `overwrite` or resuming."""
+        if self.config['overwrite'] or resumed:
+            return
+        for epoch in range(self.start_epoch, self.epochs):
+            path = self.checkpoint_path(epoch)
+            if (epoch + 1) % self.save_step == 0 and os.path.exists(path):
+                raise FileExistsError(f'{path}: exists (written by another run); set ckpt_suffix to name this '
+                                      f"run's checkpoints apart, or --overwrite=True to replace them")
 
     def fit(self):
         """Interest discovery and one training epoch per epoch; returns the epoch losses."""

@@ -31,7 +31,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
 def finish(cmd):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout[out.stdout.index('| run |'):out.stdout.index('log:')]   # the metrics table
+    return out.stdout[out.stdout.index('| run |'):out.stdout.index('run id:')]   # the metrics table
 
 
 def best_state(out):

@@ -1,0 +1,70 @@
+"""Runs never write or reload each other's files: run ids, and pre-training checkpoints that exist."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from checkpoints import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+TINY = ['--hidden_size=32', '--inner_size=32', '--plm_size=32', '--img_size=32', '--n_heads=2',
+        '--show_progress=False', '--use_gpu=False']
+
+
+def test_three_finetunings_started_together_keep_their_own_files(demo, tmp_path):
+    """Same second, same folders: three run ids, three logs, three best and -last checkpoints,
+    and each run's best checkpoint is the model its own log reloaded."""
+    cmd = [sys.executable, 'finetune.py', '-d', 'Demo', f'--data_path={demo}', f'--checkpoint_dir={tmp_path}/saved',
+           f'--log_dir={tmp_path}/log', '--epochs=2', *TINY]
+    procs = [subprocess.Popen(cmd + [f'--seed={s}'], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for s in (1, 2, 3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    ids = [re.search(r'^run id: (\S+)$', out, re.M).group(1) for out, _ in outs]
+    assert len(set(ids)) == 3
+    logs = sorted(glob.glob(f'{tmp_path}/log/*.log'))
+    assert len(logs) == 3
+    for run_id, (out, _) in zip(ids, outs):
+        log = [p for p in logs if p.endswith(f'-{run_id}.log')]
+        assert len(log) == 1
+        text = open(log[0]).read()
+        assert f'run id: {run_id}' in text
+        best = os.path.join(tmp_path, 'saved', f'MISSRec-{run_id}.pth')
+        assert f'Loading model structure and parameters from {best}' in text
+        assert os.path.exists(best) and os.path.exists(best[:-len('.pth')] + '-last.pth')
+        assert f'best checkpoint: {best}' in out
+        # each run's best checkpoint holds its own seed's model
+        seed = int(re.search(r'--seed=(\d)', ' '.join(procs[ids.index(run_id)].args)).group(1))
+        assert load_checkpoint(best)['config']['seed'] == seed
+    assert len(glob.glob(f'{tmp_path}/saved/*.pth')) == 6
+
+
+def pretrain(data, tmp_path, *extra):
+    cmd = [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={data}',
+           f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', '--pretrain_epochs=1', '--save_step=1',
+           *TINY, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_a_second_pretraining_does_not_replace_the_first_ones_checkpoints(demo_pretrain, tmp_path):
+    first = pretrain(demo_pretrain, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    path = f'{tmp_path}/saved/MISSRec-DemoPT-1.pth'
+    before = load_checkpoint(path)['state_dict']
+
+    second = pretrain(demo_pretrain, tmp_path, '--learning_rate=0.01')
+    assert second.returncode == 2
+    err = second.stderr.strip()
+    assert err == (f"error: {path}: exists (written by another run); set ckpt_suffix to name this run's "
+                   f"checkpoints apart, or --overwrite=True to replace them")
+    after = load_checkpoint(path)['state_dict']
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    third = pretrain(demo_pretrain, tmp_path, '--learning_rate=0.01', '--overwrite=True')
+    assert third.returncode == 0, third.stderr[-2000:]
+    replaced = load_checkpoint(path)
+    assert replaced['config']['learning_rate'] == 0.01
