@@ -27,12 +27,12 @@ from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
 from missrec import MISSRec
 from sasrec import Pop, SASRec
-from trainer import Pretrainer, Trainer, init_logger, init_seed, local_time, start_logging
+from trainer import Pretrainer, Trainer, claim_run_id, init_logger, init_seed, start_logging
 
 logger = logging.getLogger(__name__)
 
 # what stops a run with one line (bad input, a NaN); anything else is a bug and shows its traceback
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, FileExistsError)
 
 
 # ---------------------------------------------------------------- command line
@@ -117,8 +117,10 @@ def finetune(config, resume=''):
         init_seed(config['seed'] + D.rank(), config['reproducibility'])
     _check_resume(resume)
 
-    log_path = init_logger(config, [config['model'], config['dataset'], config['note'], config['train_stage'],
-                                    local_time()], main_process=D.is_main_process())
+    name = [config['model'], config['dataset'], config['note'], config['train_stage']]
+    run_id = claim_run_id(config, name)
+    log_path = init_logger(config, name + [run_id], main_process=D.is_main_process())
+    logger.info(f'run id: {run_id}')
     logger.info('\n' + str(config) + '\n')
     logger.info(str(dataset))
     for line in loaded:
@@ -134,13 +136,13 @@ def finetune(config, resume=''):
                        **shard)
     valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard)
     test = SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard)
-    trainer = Trainer(config, model, device)
+    trainer = Trainer(config, model, device, run_id)
     if config['model'] == 'Pop':   # nothing to learn: the counts are the model, evaluated as they are
-        return finish(trainer, dataset, config, test, log_path, valid)
+        return dict(finish(trainer, dataset, config, test, log_path, valid), run_id=run_id)
     if resume:
         trainer.resume(resume)
     trainer.fit(train, valid)
-    return finish(trainer, dataset, config, test, log_path)
+    return dict(finish(trainer, dataset, config, test, log_path), run_id=run_id)
 
 
 def finish(trainer, dataset, config, test_batches, log_path, untrained_valid=None):
@@ -186,7 +188,8 @@ def print_table(out):
     print('|---|' + '---|' * len(keys))
     for name, res in rows:
         print(f'| {name} | ' + ' | '.join(f'{res[k]:.4f}' for k in keys) + ' |')
-    print(f"\nlog: {out['log']}\nbest checkpoint: {out['checkpoint']} (epoch {out['best_epoch']})")
+    print(f"\nrun id: {out.get('run_id')}\nlog: {out['log']}\n"
+          f"best checkpoint: {out['checkpoint']} (epoch {out['best_epoch']})")
 
 
 # ------------------------------------------------------ evaluating a checkpoint
@@ -272,8 +275,10 @@ def pretrain(config, resume=''):
     device = D.process_device(config['use_gpu'])
     dataset = PretrainDataset(config).to(device)
     _check_resume(resume)
-    log_path = init_logger(config, ['MISSRec', config['dataset'], config['note'], 'pretrain', local_time()],
-                           main_process=D.is_main_process())
+    name = ['MISSRec', config['dataset'], config['note'], 'pretrain']
+    run_id = claim_run_id(config, name)
+    log_path = init_logger(config, name + [run_id], main_process=D.is_main_process())
+    logger.info(f'run id: {run_id}')
     logger.info('\n' + str(config) + '\n')
     logger.info(str(dataset))
     logger.info(f'processes: {D.world_size()}, device: {device}, '
@@ -283,7 +288,9 @@ def pretrain(config, resume=''):
     logger.info(f'Interests: {trainer.model.num_interest}')
     if resume:
         trainer.resume(resume)
+    trainer.check_overwrite(resumed=bool(resume))
     losses = trainer.fit()
+    logger.info(f'run id: {run_id}; checkpoints: {", ".join(trainer.saved) or "none"}')
     return {'losses': losses, 'checkpoints': trainer.saved, 'log': log_path, 'trainer': trainer}
 
 
