@@ -22,6 +22,7 @@ import distributed as D
 import metrics as M
 from checkpoints import CheckpointError, load_checkpoint, load_pretrained, shape_mismatches, state_dict_of
 from config import MODELS, Config, ConfigError, parse_overrides, stage_files
+from curves import open_curves
 from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
@@ -139,9 +140,12 @@ def finetune(config, resume=''):
     trainer = Trainer(config, model, device, run_id)
     if config['model'] == 'Pop':   # nothing to learn: the counts are the model, evaluated as they are
         return dict(finish(trainer, dataset, config, test, log_path, valid), run_id=run_id)
+    trainer.curves = open_curves(config, log_path)                    # log/{run}.csv, one row per epoch
     if resume:
         trainer.resume(resume)
     trainer.fit(train, valid)
+    if trainer.curves:
+        trainer.curves.close()
     return dict(finish(trainer, dataset, config, test, log_path), run_id=run_id)
 
 
@@ -286,10 +290,13 @@ def pretrain(config, resume=''):
     trainer = Pretrainer(config, dataset, device)
     logger.info(str(trainer.model))
     logger.info(f'Interests: {trainer.model.num_interest}')
+    trainer.curves = open_curves(config, log_path, validation=False)  # log/{run}.csv, one row per epoch
     if resume:
         trainer.resume(resume)
     trainer.check_overwrite(resumed=bool(resume))
     losses = trainer.fit()
+    if trainer.curves:
+        trainer.curves.close()
     logger.info(f'run id: {run_id}; checkpoints: {", ".join(trainer.saved) or "none"}')
     return {'losses': losses, 'checkpoints': trainer.saved, 'log': log_path, 'trainer': trainer}
 

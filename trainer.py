@@ -191,6 +191,15 @@ class _Loop:
                                                 broadcast_buffers=False,
                                                 find_unused_parameters=has_unused_parameters(model))
         self.start_epoch = 0
+        self.curves = None   # the run's curves.EpochCurves (rank 0; set by quick_start): one CSV row per epoch
+
+    def _record(self, **figures):
+        if self.curves is not None:
+            self.curves.add(**figures)
+
+    def _end_epoch(self):
+        if self.curves is not None:
+            self.curves.end_epoch()
 
     def last_good(self):
         """The checkpoint named when training stops on a NaN."""
@@ -225,9 +234,12 @@ class _Loop:
             else:
                 self.model.set_interests(labels, centroids)
                 logger.info(f'Finish multi-modal interest discovery before {epoch}-th epoch')
-                logger.info(f"interest discovery [time: {time.perf_counter() - start:.2f}s, "
+                took = time.perf_counter() - start
+                logger.info(f"interest discovery [time: {took:.2f}s, "
                             f"interests used: {info['n_used']} of {self.model.num_interest}, "
                             f"objective: {info['objective']:.4f}]")
+                self._record(discovery_time_s=round(took, 4), interests_used=info['n_used'],
+                             interests=self.model.num_interest, discovery_objective=float(info['objective']))
             self.model.train(was_training)
         failed = D.broadcast_object(failed)
         if failed:
@@ -276,7 +288,9 @@ class _Loop:
         self.discover(epoch)
         start = time.time()
         loss = self.train_epoch(batches, epoch)
-        logger.info(f'epoch {epoch} training [time: {time.time() - start:.2f}s, train loss: {loss:.4f}]')
+        took = time.time() - start
+        logger.info(f'epoch {epoch} training [time: {took:.2f}s, train loss: {loss:.4f}]')
+        self._record(epoch=epoch, train_loss=loss, train_time_s=round(took, 4))
         return loss
 
     def resume(self, path, expected, required=()):
@@ -349,6 +363,7 @@ class Trainer(_Loop):
             self._fit_epoch(train_batches, epoch)
             stop = self.eval_step > 0 and (epoch + 1) % self.eval_step == 0 and self._validate(valid_batches, epoch)
             self.save(self.last_model_file, epoch)
+            self._end_epoch()
             if stop:
                 logger.info(f'Finished training, best eval result in epoch {self.best_valid_epoch}')
                 break
@@ -360,8 +375,10 @@ class Trainer(_Loop):
         results = self.evaluate(valid_batches, desc=f'Valid {epoch:>5}')
         result = self.primary(results)
         score = result[self.valid_metric]
-        logger.info(f'epoch {epoch} evaluating [time: {time.time() - start:.2f}s, valid_score: {score:f}]')
+        took = time.time() - start
+        logger.info(f'epoch {epoch} evaluating [time: {took:.2f}s, valid_score: {score:f}]')
         logger.info('valid result: \n' + M.result_str(result))
+        self._record(valid_time_s=round(took, 4), valid_score=score, **{f'valid_{k}': v for k, v in result.items()})
         if score >= self.best_valid_score:                             # ties count as improvement
             self.best_valid_score, self.best_valid_result = score, results
             self.best_valid_epoch, self.cur_step = epoch, 0
@@ -461,4 +478,5 @@ class Pretrainer(_Loop):
             losses.append(self._fit_epoch(self.batches, epoch))
             if (epoch + 1) % self.save_step == 0:
                 self.save(epoch)
+            self._end_epoch()
         return losses
