@@ -144,7 +144,7 @@ class MISSRec(SeqTransformer):
 
     # ------------------------------------------------------------ sequence side
     def seq_output(self, item_seq, item_seq_len, modal_emb, empty_masks, interest_ids, interest_table,
-                   pad_len=None):
+                   pad_len=None, width_max=None):
         """Interest-aware sequence representation (SPEC 3.2).
 
         Args:
@@ -160,14 +160,15 @@ class MISSRec(SeqTransformer):
         Returns:
             (s float [B, H] L2-normalised, reg scalar tensor).
         """
-        memory, reg = self._encode_interests(item_seq, item_seq_len, interest_ids, interest_table, pad_len)
+        memory, reg = self._encode_interests(item_seq, item_seq_len, interest_ids, interest_table, pad_len,
+                                             width_max)
         tokens, packer, key_mask, query_rows, query_packer, n_out = self._decoder_tokens(
             item_seq, item_seq_len, modal_emb, empty_masks)
         out = self.decode(tokens, packer, key_mask, memory, query_rows, query_packer)   # [B*P, H]
         out = out.view(item_seq.shape[0], n_out, -1).mean(1)                            # [B, H]
         return F.normalize(out, dim=1), reg
 
-    def _encode_interests(self, item_seq, item_seq_len, interest_ids, interest_table, pad_len):
+    def _encode_interests(self, item_seq, item_seq_len, interest_ids, interest_table, pad_len, width_max=None):
         """Encoder over distinct interest tokens; returns (memory, reg).
 
         The original pads each row's distinct ids to the longest row of the batch;
@@ -190,7 +191,9 @@ class MISSRec(SeqTransformer):
         # Regulariser (SPEC 3.2 step 4) in the original's padded layout of Q slots.
         full_len = item_seq.shape[1] if pad_len is None else pad_len
         has_zero = (item_seq_len < full_len).long()                      # a padded item gives id 0
-        q_orig = int((n_valid + has_zero).max())
+        q_orig = int((n_valid + has_zero).max())                         # the batch's padded width
+        if width_max is not None:   # a share of a global batch: the width of the whole batch
+            q_orig = width_max(q_orig)
         # pooled = n/Q * (sum of the n valid outputs + (Q - n) * the PAD output), summed
         # from the packed outputs: a row's n valid tokens come first, then its one PAD token
         w = n_valid.float() / q_orig                                     # [B]
@@ -307,17 +310,17 @@ class MISSRec(SeqTransformer):
         return s @ F.normalize(emb, dim=1).t()
 
     # ---------------------------------------------------------- fine-tuning API
-    def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None):
+    def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None, width_max=None):
         modal_emb = {m: (tables[m], item_seq) for m in self.modalities}
         empty = {m: getattr(self, f'{self._table_name(m)}_empty_mask')[item_seq] for m in self.modalities}
         ids = self.interest_ids(item_seq) if self.modalities else None
         table = self.interest_embeddings if self.modalities else None
-        return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, table, pad_len)
+        return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, table, pad_len, width_max)
 
-    def _all_item_logits(self, batch):
+    def _all_item_logits(self, batch, width_max=None):
         tables = self.adapted_tables()                                   # [N, H] per modality
         s, reg = self.finetune_seq_output(batch['item_seq'], batch['item_seq_len'], tables,
-                                          batch.get('pad_len'))
+                                          batch.get('pad_len'), width_max)
         item_emb = dict(tables)
         if self.use_id:
             item_emb['id'] = self.item_embedding.weight
@@ -348,10 +351,18 @@ class MISSRec(SeqTransformer):
             seq_item, seq_seq, reg = self.pretrain_losses(batch, self.interest_embeddings, gather)
             rows = seq_item.sum() + self.lam * seq_seq.sum()
         else:
-            logits, reg = self._all_item_logits(batch)
+            logits, reg = self._all_item_logits(batch, self._width_max(gather))
             rows = F.cross_entropy(logits, batch['item_id'], reduction='sum')
         n = len(batch['item_id']) if gather is None else len(gather(batch['item_id'])[0])
         return rows / n + self.gamma * reg
+
+    @staticmethod
+    def _width_max(gather):
+        """x -> the largest x over the processes sharing a global batch (None: this batch alone).
+        The regulariser's padded width is that of the whole batch, as with one process."""
+        if gather is None:
+            return None
+        return lambda x: int(gather(torch.tensor([x]))[0].max())
 
     def full_sort_predict(self, batch):
         """Scores [B, N] of every item (column 0 is the PAD item)."""
@@ -371,18 +382,19 @@ class MISSRec(SeqTransformer):
         Returns:
             (seq_item [b], seq_seq [b] per-row cross-entropies, reg + reg' scalar of these rows).
         """
+        width_max = self._width_max(gather)
         gather = gather or (lambda x: (x, 0))
         tables = {m: self.adaptor(m)(batch['feat'][m]) for m in self.modalities}          # [R, H]
         s, reg = self.seq_output(batch['item_seq'], batch['item_seq_len'],
                                  {m: (tables[m], batch['index'][m]) for m in self.modalities},
-                                 batch['empty'], batch['interest_ids'], interest_table, batch['pad_len'])
+                                 batch['empty'], batch['interest_ids'], interest_table, batch['pad_len'], width_max)
         aug_tables = dict(tables)
         if 'text_aug' in batch['feat']:   # word drop: rows R.. hold the word-dropped text features
             aug_tables['text'] = torch.cat([tables['text'], self.text_adaptor(batch['feat']['text_aug'])])
         s_aug, reg_aug = self.seq_output(batch['item_seq_aug'], batch['item_seq_len_aug'],
                                          {m: (aug_tables[m], batch['index_aug'][m]) for m in self.modalities},
                                          batch['empty_aug'], batch['interest_ids_aug'], interest_table,
-                                         batch['pad_len'])
+                                         batch['pad_len'], width_max)
         # sequence-item: the in-batch target items are the candidates
         items = {m: gather(tables[m].index_select(0, batch['target_index']))[0] for m in self.modalities}
         item_ids, offset = gather(batch['item_id'])                                       # [B]

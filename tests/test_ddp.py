@@ -88,6 +88,8 @@ def _worker(index, nproc, port, data, out_dir):
     _start(index, nproc, port)
     try:
         res = {'pretrain': pretrain_steps(pretrain_config(data)),
+               'pretrain_reg': pretrain_steps(pretrain_config(data, gamma=1.0), 1),
+               'finetune_reg': finetune_eval_and_epoch(finetune_config(data, out_dir, gamma=1.0)),
                'pretrain_local': pretrain_steps(pretrain_config(data, contrastive_negatives='local',
                                                                 item_mm_fusion='dynamic_instance'), 2),
                'finetune': finetune_eval_and_epoch(finetune_config(data, out_dir))}
@@ -121,6 +123,19 @@ def test_global_negatives_match_one_process_with_the_whole_batch(two_ranks, data
         torch.testing.assert_close(multi['grads'][n], g, rtol=1e-4, atol=1e-6, msg=n)
     # (parameters after several Adam steps are not compared: where the exact gradient is 0, e.g. the
     # attention of an encoder that sees one interest token, Adam turns rounding noise into lr-sized steps)
+
+
+def test_regulariser_of_shares_matches_one_process(two_ranks, data, tmp_path):
+    """With gamma = 1 the regulariser dominates the loss: its padded width must be the global batch's,
+    so that 2 processes x B/2 rows give the loss and gradients of 1 process x B rows."""
+    torch.set_num_threads(1)
+    single = {'pretrain_reg': pretrain_steps(pretrain_config(data, gamma=1.0), 1),
+              'finetune_reg': finetune_eval_and_epoch(finetune_config(data, tmp_path, gamma=1.0))}
+    for key, loss in (('pretrain_reg', 'loss'), ('finetune_reg', 'first_loss')):
+        multi = two_ranks[0][key]
+        assert multi[loss] == pytest.approx(single[key][loss], rel=1e-5), key
+        for n, g in single[key]['grads'].items():
+            torch.testing.assert_close(multi['grads'][n], g, rtol=1e-4, atol=1e-6, msg=f'{key} {n}')
 
 
 def test_sharded_evaluation_equals_single_process_exactly(two_ranks, data, tmp_path):

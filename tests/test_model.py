@@ -218,3 +218,24 @@ def test_modal_type_none_uses_ids_only():
         scores = model.full_sort_predict({'item_seq': seq, 'item_seq_len': lens})
     assert scores.shape == (7, N) and torch.isfinite(scores).all()
     assert not hasattr(model, 'text_adaptor') and not hasattr(model, 'img_adaptor')
+
+
+def test_regulariser_of_batch_shares_adds_up_with_the_global_width():
+    """Under DDP each process holds a share of the global batch; with the global padded width
+    (`width_max`) the shares' regularisers add up to the whole batch's, as with one process."""
+    model = small_model()
+    seq, lens = batch()
+    tables = model.adapted_tables()
+    with torch.no_grad():
+        _, whole = model.finetune_seq_output(seq, lens, tables, pad_len=9)
+        # the original's padded width: distinct interests + 1 for a padded item (a history shorter than 9)
+        widths = [int((unique_interests(model.interest_ids(seq[p]))[1] + (lens[p] < 9).long()).max())
+                  for p in (slice(0, 2), slice(2, None))]
+        assert widths[0] != widths[1]          # the shares' own widths differ: the check below can fail
+        shares, local = 0, 0
+        for part in (slice(0, 2), slice(2, None)):
+            shares += model.finetune_seq_output(seq[part], lens[part], tables, pad_len=9,
+                                                width_max=lambda x: max(x, *widths))[1]
+            local += model.finetune_seq_output(seq[part], lens[part], tables, pad_len=9)[1]
+    assert torch.allclose(shares, whole, rtol=1e-5)
+    assert not torch.allclose(local, whole, rtol=1e-3)
