@@ -30,6 +30,14 @@ modalities or metric conventions differ. Logs under that folder are read as the
 reference, not listed, unless ``--logs`` names that folder (or one inside it).
 ``--plot out.png`` draws training loss and validation NDCG@10 per epoch of all
 listed logs, each matched original dashed in the same colour (needs matplotlib).
+Where a log has its curves file beside it (``log/{run}.csv``, written by every run
+of ours, see curves.py), the per-epoch values come from it at full precision;
+a log alone works as well.
+
+``--table`` prints one markdown table of all listed runs instead (scripts/baselines.sh):
+one row per model / dataset / stage / note, the test metrics in both conventions
+(mean and, over several runs such as seeds, the spread as ``±`` one standard
+deviation), the number of runs, epochs and seconds per training epoch.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ _VALUES_RE = re.compile(r"([A-Za-z]+@\d+)\s*:\s*" + _NUM)  # hit@10 : 0.1054    
 _BEST_RE = re.compile(r"best eval result in epoch (\d+)")
 _LOADING_RE = re.compile(r"^Loading from (\S+)")            # the original's fine-tuning from a checkpoint
 _CONFIG_KEYS = ("dataset", "data_path", "train_stage", "script", "pretrained_file", "seed", "modal_type",
-                "eval_topk_plus_one", "note")
+                "eval_topk_plus_one", "note", "model")
 _RESULT_RE = re.compile(
     r"^(best valid|test result)\s*(\(original top-K\+1\))?\s*:\s*(.*)$")
 _PAIR_RE = re.compile(r"\(\s*['\"]([^'\"]+)['\"]\s*,\s*(?:[A-Za-z_][\w.]*\()?\s*([-+0-9.eE]+|nan|inf)\s*\)?\s*\)")
@@ -223,7 +231,39 @@ def parse_log(path: str) -> LogRun:
             run.config.setdefault(m.group(1), m.group(2))
     if valid_pending is not None:
         raise FormatError(path, valid_pending[0], "expected 'metric : value' pairs after 'valid result:'")
+    read_curves_csv(run)
     return run
+
+
+def read_curves_csv(run: LogRun) -> bool:
+    """Per-epoch curves from the CSV beside the log (``{run}.csv``, curves.py) when there is one:
+    training loss and time, valid score and metrics at full precision. Returns whether one was read."""
+    path = os.path.splitext(run.path)[0] + ".csv"
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "r", encoding="utf-8", newline="") as fp:
+            rows = list(csv.DictReader(fp))
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise ToolError(f"{path}: cannot read the curves file ({e})") from None
+    if rows and not {"epoch", "train_loss"} <= set(rows[0]):
+        raise FormatError(path, 1, "expected a curves header with epoch and train_loss (curves.py)")
+    train, valid, results = [], [], {}
+    try:
+        for row in rows:
+            epoch = int(float(row["epoch"]))
+            if row.get("train_loss"):
+                train.append((epoch, float(row.get("train_time_s") or 0.0), float(row["train_loss"])))
+            if row.get("valid_score"):
+                valid.append((epoch, float(row["valid_score"])))
+                results[epoch] = {k[len("valid_"):]: float(v) for k, v in row.items()
+                                  if k.startswith("valid_") and "@" in k and v}
+    except (TypeError, ValueError):
+        raise FormatError(path, 1, "expected numbers in the curves file") from None
+    run.train_curve = train or run.train_curve
+    run.valid_curve = valid or run.valid_curve
+    run.valid_results = results or run.valid_results
+    return True
 
 
 def load_reference(path: str) -> List[Dict[str, object]]:
@@ -502,6 +542,47 @@ def compare(logs: List[str], reference: str, plot: Optional[str] = None, origina
     return out
 
 
+def _mean_spread(values: List[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4f} ± {sd:.4f}"
+
+
+def run_table(logs: List[str]) -> List[str]:
+    """One markdown table of the test results of the given runs (``--table``), grouped by
+    model, dataset, stage, pre-training and note; returns its lines."""
+    groups: Dict[Tuple[str, ...], List[LogRun]] = {}
+    for path in collect_logs(logs):
+        run = parse_log(path)
+        if not run.results:
+            continue
+        model = run.config.get("model", "MISSRec" if not run.original else "MISSRec (original code)").strip("'\"")
+        note = run.config.get("note", "").strip("'\"")
+        key = (model, run.dataset or "?", run.stage or "?", "yes" if run.pretrained else "no", note)
+        groups.setdefault(key, []).append(run)
+    if not groups:
+        raise ToolError("none of the given files holds a test result")
+    cols = ("hit@10", "ndcg@10", "hit@50", "ndcg@50")
+    header = ["model", "dataset", "stage", "pre-trained", "note", "convention", "runs",
+              *(n.replace("hit", "R").replace("ndcg", "N") for n in cols), "epochs", "s/epoch"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, runs in sorted(groups.items()):
+        epochs = [float(len(r.train_curve)) for r in runs]
+        times = [t for r in runs for _, t, _ in r.train_curve]
+        per_epoch = f"{sum(times) / len(times):.2f}" if times else "-"
+        n_epochs = f"{sum(epochs) / len(epochs):g}" if any(epochs) else "-"
+        for kind, convention in (("test", "exact top-K"), ("test_orig", "original top-K+1")):
+            have = [r.results[kind] for r in runs if kind in r.results]
+            if have:
+                cells = [_mean_spread([m[c] for m in have if c in m]) for c in cols]
+                lines.append("| " + " | ".join([*key, convention, str(len(have)), *cells, n_epochs, per_epoch]) + " |")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -515,12 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show differences to a reference row of another dataset (always flagged)")
     p.add_argument("--no-curves", action="store_true", help="leave out the per-epoch tables")
     p.add_argument("--plot", default=None, help="write training loss and validation NDCG@10 per epoch to this PNG")
+    p.add_argument("--table", action="store_true", help="only one markdown table of the test results of all "
+                   "listed runs, grouped by model/dataset/stage/note (mean ± spread over repeated runs)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     def _run(a):
         args = build_parser().parse_args(a)
+        if args.table:
+            print("\n".join(run_table(args.logs)))
+            return 0
         compare(args.logs, args.reference, args.plot, args.original, args.cross_dataset, not args.no_curves)
         return 0
     return run_main(_run, argv)

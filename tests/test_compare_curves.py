@@ -1,0 +1,56 @@
+"""tools/compare.py with our runs' curves CSVs (--plot, the per-epoch tables) and the --table mode."""
+import os
+import shutil
+
+import pytest
+
+from quick_start import build_config, finetune, parse_args
+from tools import compare
+
+
+@pytest.fixture(scope='module')
+def runs(demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp('runs')
+    out = {}
+    for model, extra in (('Pop', []), ('SASRec', ['--epochs=2']), ('SASRec', ['--epochs=2', '--seed=7']),
+                         ('MISSRec', ['--epochs=2', '--hidden_size=32', '--inner_size=32', '--plm_size=32',
+                                      '--img_size=32'])):
+        args = ['-d', 'Demo', '-m', model, f'--data_path={demo}', f'--checkpoint_dir={root}/saved',
+                f'--log_dir={root}/log', '--show_progress=False', '--use_gpu=False', *extra]
+        out.setdefault(model, []).append(finetune(build_config('finetune', *parse_args('finetune', args))))
+    return root, out
+
+
+def test_curves_come_from_the_csv_at_full_precision(runs, tmp_path):
+    root, out = runs
+    log = out['MISSRec'][0]['log']
+    run = compare.parse_log(log)
+    assert len(run.train_curve) == 2 and len(run.valid_curve) == 2
+    loss = run.train_curve[0][2]
+    assert f'{loss:.4f}' in open(log).read() and loss != round(loss, 4)
+    # without the CSV: the log lines alone, rounded
+    alone = tmp_path / os.path.basename(log)
+    shutil.copy(log, alone)
+    rounded = compare.parse_log(str(alone))
+    assert [e for e, _, _ in rounded.train_curve] == [0, 1] and rounded.train_curve[0][2] == round(loss, 4)
+    assert rounded.valid_ndcg10() == pytest.approx(run.valid_ndcg10(), abs=1e-4)
+
+
+def test_plot_reads_the_csvs(runs, tmp_path, capsys):
+    pytest.importorskip('matplotlib')
+    root, _ = runs
+    png = tmp_path / 'curves.png'
+    assert compare.main(['--logs', f'{root}/log', '--plot', str(png), '--original', '']) == 0
+    assert png.stat().st_size > 0 and 'plotted training loss' in capsys.readouterr().out
+
+
+def test_table_of_baselines(runs, capsys):
+    root, out = runs
+    assert compare.main(['--logs', f'{root}/log', '--table']) == 0
+    text = capsys.readouterr().out
+    rows = [l for l in text.splitlines() if l.startswith('| ') and not l.startswith('| model')]
+    assert len(rows) == 6                                   # 3 models x 2 conventions
+    pop = next(l for l in rows if l.startswith('| Pop ') and 'exact top-K' in l)
+    assert f"{out['Pop'][0]['test'][0]['ndcg@10']:.4f}" in pop and '| 1 |' in pop
+    sasrec = next(l for l in rows if l.startswith('| SASRec ') and 'original top-K+1' in l)
+    assert '| 2 |' in sasrec and '±' in sasrec              # two seeds: mean ± spread
