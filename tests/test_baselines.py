@@ -53,3 +53,22 @@ def test_baselines_refuse_inductive_and_pretrained(demo, tmp_path):
     from config import ConfigError
     with pytest.raises(ConfigError, match='ID-based baseline'):
         run(demo, tmp_path, 'SASRec', '-mode', 'inductive')
+
+
+@pytest.mark.parametrize('model', ['SASRec', 'Pop'])
+def test_two_cpu_processes(demo, tmp_path, model):
+    """DDP (gloo): SASRec uses every parameter (no unused-parameter search); Pop trains nothing."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, 'ddp_finetune.py', '--nproc', '2', '-m', model, '-d', 'Demo', f'--data_path={demo}',
+           '--use_gpu=False', f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log',
+           '--show_progress=False', '--epochs=2']
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'processes: 2' in proc.stdout
+    assert proc.stdout.count('epoch 1 training [time:') == (model == 'SASRec')
+    test = re.search(r'test result: (OrderedDict.*)', proc.stdout).group(1)
+    if model == 'Pop':
+        assert test == re.search(r'most-popular baseline, test: (OrderedDict.*)', proc.stdout).group(1)
