@@ -108,6 +108,28 @@ def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, t
     return F.linear(q_packer.pack(ctx), mha.out_proj.weight, mha.out_proj.bias)
 
 
+class _RowDot(torch.autograd.Function):
+    """Per-head dot products of each packed key k[t] with its row's query q[row[t]]: [T, heads].
+
+    Autograd of `(q[row] * k).sum` would keep the gathered [T, H] queries for backward;
+    this keeps q [B, H] and gathers again in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, row, nh):
+        ctx.save_for_backward(q, k, row)
+        ctx.nh = nh
+        return (q.index_select(0, row) * k).view(len(row), nh, -1).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, row = ctx.saved_tensors
+        g = grad.unsqueeze(-1)                                         # [T, nh, 1]
+        t, nh = grad.shape
+        dk = (g * q.index_select(0, row).view(t, nh, -1)).view(t, -1)
+        dq = q.new_zeros(q.shape).index_add_(0, row, (g * k.view(t, nh, -1)).view(t, -1))
+        return dq, dk, None, None
+
+
 def _one_query_attention(mha, q_tokens, kv_tokens, kv_packer, key_padding_mask, training):
     """`attention` with one query per row (the last decoder layer, its cross-attention).
 
@@ -123,7 +145,7 @@ def _one_query_attention(mha, q_tokens, kv_tokens, kv_packer, key_padding_mask, 
     kv = F.linear(kv_tokens, w[h:], b[h:])                             # [T, 2H]
     k, v = kv[:, :h], kv[:, h:]
     row = kv_packer.index // lk                                        # [T] row of each key
-    scores = (q.index_select(0, row) * k).view(-1, nh, d).sum(-1) * d ** -0.5     # [T, nh]
+    scores = _RowDot.apply(q, k, row, nh) * d ** -0.5                  # [T, nh]
     padded = scores.new_full((batch * lk, nh), float('-inf')).index_copy(0, kv_packer.index, scores)
     padded = padded.view(batch, lk, nh).transpose(1, 2)                # [B, nh, Lk]
     padded = padded.masked_fill(key_padding_mask[:, None, :], float('-inf'))

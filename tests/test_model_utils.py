@@ -59,3 +59,14 @@ def test_one_query_attention_equals_padded_attention_with_the_same_dropout(train
     padded = _padded_attention(mha, query, keys, mask, training)[:, 0]
     assert torch.allclose(packed, padded, atol=1e-6)
     assert torch.equal(after_packed, torch.rand(2))
+
+
+def test_row_dot_gradients_equal_autograd_of_the_gathered_product():
+    from model_utils import _RowDot
+    torch.manual_seed(1)
+    q = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    row = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    assert torch.autograd.gradcheck(lambda q, kv: _RowDot.apply(q, kv[:, :8], row, 2), (q, kv))
+    ref = (q.index_select(0, row) * kv[:, :8]).view(7, 2, 4).sum(-1)
+    assert torch.allclose(_RowDot.apply(q, kv[:, :8], row, 2), ref)
