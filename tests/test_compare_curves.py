@@ -54,3 +54,10 @@ def test_table_of_baselines(runs, capsys):
     assert f"{out['Pop'][0]['test'][0]['ndcg@10']:.4f}" in pop and '| 1 |' in pop
     sasrec = next(l for l in rows if l.startswith('| SASRec ') and 'original top-K+1' in l)
     assert '| 2 |' in sasrec and '±' in sasrec              # two seeds: mean ± spread
+
+
+def test_baselines_get_no_missrec_reference_row(runs, capsys):
+    root, out = runs
+    assert compare.main(['--logs', out['SASRec'][0]['log'], out['Pop'][0]['log'], '--original', '']) == 0
+    text = capsys.readouterr().out
+    assert text.count('no reference row') == 2

@@ -293,6 +293,8 @@ def load_reference(path: str) -> List[Dict[str, object]]:
 
 
 def match_reference(run: LogRun, reference: List[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    if run.config.get("model", "MISSRec").strip("'\"") != "MISSRec":
+        return None  # a baseline (SASRec, Pop): the reference rows are MISSRec's
     if run.script:
         for row in reference:
             if row["script"] == run.script:
