@@ -83,3 +83,20 @@ def test_tensorboard_events(tmp_path):
     c.end_epoch()
     c.close()
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'run.tb'))
+
+
+def test_tensorboard_flag_without_the_package_warns_and_writes_the_csv(tmp_path, monkeypatch, caplog):
+    import builtins
+
+    from config import Config
+    from curves import open_curves
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == 'tensorboard':
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_tensorboard)
+    curves = open_curves(Config(overrides={'tensorboard': True}), str(tmp_path / 'run.log'))
+    assert curves.writer is None and os.path.exists(tmp_path / 'run.csv')
+    assert 'tensorboard package is not installed' in caplog.text
