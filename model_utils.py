@@ -210,7 +210,6 @@ class SeqTransformer(nn.Module):
             batch_first=True, norm_first=False)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=config['layer_norm_eps'])
         self.dropout = nn.Dropout(config['hidden_dropout_prob'])
-        self.loss_fct = nn.CrossEntropyLoss()
         self.apply(self._init_weights)
 
     def _init_weights(self, module):

@@ -147,17 +147,22 @@ def image_path(index: int, images: Optional[str], cache: Optional[str], url: str
 
 
 # --------------------------------------------------------------------------- model
+def _load_transformers(*names):
+    """torch and the named `transformers` classes, or one line saying what to install."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ToolError(f"feature extraction needs torch and transformers ({e}); "
+                        f"pip install -r requirements-tools.txt") from None
+    return torch, [getattr(transformers, n) for n in names]
+
+
 class Clip:
     def __init__(self, model: str, device: Optional[str] = None):
-        try:
-            import torch
-            from transformers import AutoTokenizer, CLIPModel
-        except ImportError as e:
-            raise ToolError(f"feature extraction needs torch and transformers ({e}); "
-                            f"pip install -r requirements-tools.txt") from None
-        self.torch = torch
+        self.torch, (AutoTokenizer, CLIPModel) = _load_transformers("AutoTokenizer", "CLIPModel")
         self.name = model
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or ("cuda" if self.torch.cuda.is_available() else "cpu")
         try:
             self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -199,15 +204,9 @@ class SentenceEncoder:
     mean-pooled with the attention mask, then L2-normalised (all-MiniLM-L6-v2's modules)."""
 
     def __init__(self, model: str, device: Optional[str] = None):
-        try:
-            import torch
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError as e:
-            raise ToolError(f"feature extraction needs torch and transformers ({e}); "
-                            f"pip install -r requirements-tools.txt") from None
-        self.torch = torch
+        self.torch, (AutoModel, AutoTokenizer) = _load_transformers("AutoModel", "AutoTokenizer")
         self.name = model
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or ("cuda" if self.torch.cuda.is_available() else "cpu")
         pooling = _st_json(model, "1_Pooling/config.json")
         if pooling and not pooling.get("pooling_mode_mean_tokens", False):
             modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
