@@ -238,7 +238,7 @@ class _Loop:
                 logger.info(f"interest discovery [time: {took:.2f}s, "
                             f"interests used: {info['n_used']} of {self.model.num_interest}, "
                             f"objective: {info['objective']:.4f}]")
-                self._record(discovery_time_s=round(took, 4), interests_used=info['n_used'],
+                self._record(discovery_time_s=took, interests_used=info['n_used'],
                              interests=self.model.num_interest, discovery_objective=float(info['objective']))
             self.model.train(was_training)
         failed = D.broadcast_object(failed)
@@ -290,7 +290,7 @@ class _Loop:
         loss = self.train_epoch(batches, epoch)
         took = time.time() - start
         logger.info(f'epoch {epoch} training [time: {took:.2f}s, train loss: {loss:.4f}]')
-        self._record(epoch=epoch, train_loss=loss, train_time_s=round(took, 4))
+        self._record(epoch=epoch, train_loss=loss, train_time_s=took)
         return loss
 
     def resume(self, path, expected, required=()):
@@ -378,7 +378,7 @@ class Trainer(_Loop):
         took = time.time() - start
         logger.info(f'epoch {epoch} evaluating [time: {took:.2f}s, valid_score: {score:f}]')
         logger.info('valid result: \n' + M.result_str(result))
-        self._record(valid_time_s=round(took, 4), valid_score=score, **{f'valid_{k}': v for k, v in result.items()})
+        self._record(valid_time_s=took, valid_score=score, **{f'valid_{k}': v for k, v in result.items()})
         if score >= self.best_valid_score:                             # ties count as improvement
             self.best_valid_score, self.best_valid_result = score, results
             self.best_valid_epoch, self.cur_step = epoch, 0
