@@ -1,10 +1,13 @@
-"""Runs never write or reload each other's files: run ids, and pre-training checkpoints that exist."""
+"""Runs never write or reload each other's files (run ids, pre-training checkpoints that exist), and bad
+input stops a run in one line with earlier files intact."""
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from checkpoints import load_checkpoint
@@ -68,3 +71,48 @@ def test_a_second_pretraining_does_not_replace_the_first_ones_checkpoints(demo_p
     assert third.returncode == 0, third.stderr[-2000:]
     replaced = load_checkpoint(path)
     assert replaced['config']['learning_rate'] == 0.01
+
+
+def _copy_corpus(src, tmp_path):
+    dst = tmp_path / 'data'
+    shutil.copytree(src, dst)
+    return dst
+
+
+PRETRAIN_FAILURES = {
+    'malformed .pt_datasets': (lambda d: (d / 'DemoPT' / 'DemoPT.pt_datasets').write_text('DemoA,,DemoC\n'),
+                               'DemoPT.pt_datasets: expected one line of comma-separated domain names'),
+    'domain without its files': (lambda d: (d / 'DemoPT' / 'DemoB.feat1CLS').unlink(),
+                                 "DemoB.feat1CLS: feature file of domain 'DemoB' (listed in .pt_datasets) not found"),
+    'token of a domain beyond the list': (
+        lambda d: (d / 'DemoPT' / 'DemoPT.pt_datasets').write_text('DemoA,DemoB\n'),
+        "names domain 2, but the .pt_datasets file lists 2 domains"),
+}
+
+
+@pytest.mark.parametrize('case', list(PRETRAIN_FAILURES))
+def test_bad_pretraining_corpus_stops_in_one_line_before_writing(demo_pretrain, tmp_path, case):
+    data = _copy_corpus(demo_pretrain, tmp_path)
+    break_it, expected = PRETRAIN_FAILURES[case]
+    break_it(data)
+    out = pretrain(data, tmp_path)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and err.startswith('error: ') and '\n' not in err and expected in err, err
+    assert not os.path.exists(tmp_path / 'saved')
+
+
+@pytest.mark.parametrize('flag', ['-p', '--resume'])
+def test_truncated_checkpoint_is_one_line_and_earlier_files_stay(demo, demo_pretrain, tmp_path, flag):
+    first = pretrain(demo_pretrain, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    good = tmp_path / 'saved' / 'MISSRec-DemoPT-1.pth'
+    bad = tmp_path / 'truncated.pth'
+    bad.write_bytes(good.read_bytes()[:1000])
+    if flag == '-p':
+        cmd = [sys.executable, 'finetune.py', '-d', 'Demo', f'--data_path={demo}', '-p', str(bad), *TINY]
+        out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    else:
+        out = pretrain(demo_pretrain, tmp_path, '--resume', str(bad), '--pretrain_epochs=2')
+    lines = [l for l in out.stderr.strip().splitlines() if not l.startswith('no CUDA')]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'error: {bad}: not a readable checkpoint')
+    assert load_checkpoint(str(good))['epoch'] == 0
