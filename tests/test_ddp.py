@@ -4,6 +4,7 @@ Workers are started with `torch.multiprocessing.spawn` (as `python ddp_pretrain.
 each writes its values to a file that the test compares. Also distributed.py's device and launch helpers.
 """
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -289,3 +290,31 @@ def test_gpu_id_selects_the_visible_devices_as_recbole_did(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
     with pytest.raises(ConfigError, match='gpu_id = 3: CUDA is already initialised'):
         D.select_gpus(3, True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_rendezvous_equals_one_node_with_two_processes(data, tmp_path):
+    """Two torchrun launchers (`--nnodes=2 --nproc_per_node=1`, c10d rendezvous on localhost), as on
+    two machines, end with the very checkpoint of one launcher with 2 processes."""
+    args = ['ddp_pretrain.py', '-d', 'DemoPT', f"--data_path={data['pre']}", '--pretrain_epochs=2', '--save_step=2',
+            '--train_batch_size=64', '--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32',
+            '--n_heads=2', '--show_progress=False', '--use_gpu=False', f'--log_dir={tmp_path}/log']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    one = subprocess.run(torchrun + ['--standalone', '--nproc_per_node=2'] + args + [f'--checkpoint_dir={tmp_path}/one'],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    node = torchrun + ['--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d', '--rdzv_id=two-nodes',
+                       f'--rdzv_endpoint=127.0.0.1:{_free_port()}'] + args + [f'--checkpoint_dir={tmp_path}/two']
+    nodes = [subprocess.Popen(node, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [err[-3000:] for _, err in outs]
+    a = torch.load(tmp_path / 'one' / 'MISSRec-DemoPT-2.pth', weights_only=True)['state_dict']
+    b = torch.load(tmp_path / 'two' / 'MISSRec-DemoPT-2.pth', weights_only=True)['state_dict']
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
