@@ -218,8 +218,9 @@ class MISSRec(SeqTransformer):
         # in-projection is computed once per distinct interest of the batch and gathered (exact).
         layers = self.trm_model.encoder.layers
         used, ids_in_used = torch.unique(ids, return_inverse=True)      # [U], [B, Qv+1]
-        table_qkv = (F.linear(interest_table.index_select(0, used), layers[0].self_attn.in_proj_weight,
-                              layers[0].self_attn.in_proj_bias) if len(layers) else None)   # [U, 3H]
+        used_rows = interest_table.index_select(0, used)                 # [U, H]
+        table_qkv = (F.linear(used_rows, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
+                     if len(layers) else None)                          # [U, 3H]
         outputs, targets = [], []
         lower, upper = 0, 2
         while True:
@@ -228,9 +229,9 @@ class MISSRec(SeqTransformer):
                 q = int(n_valid[rows].max()) + 1
                 sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
                 sub = Packer(sub_active)
-                idx = sub.pack(ids[rows, :q])                            # [t] interest ids
-                qkv = None if table_qkv is None else table_qkv.index_select(0, sub.pack(ids_in_used[rows, :q]))
-                outputs.append(self.encode_memory(interest_table.index_select(0, idx), sub, sub_mask, qkv))
+                idx = sub.pack(ids_in_used[rows, :q])                    # [t] rows of `used`
+                qkv = None if table_qkv is None else table_qkv.index_select(0, idx)
+                outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask, qkv))
                 flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
                 targets.append(position[flat])
             if upper >= int(n_valid.max()):

@@ -35,6 +35,8 @@ from data.loader import SeqBatches  # noqa: E402
 from missrec import MISSRec  # noqa: E402
 from trainer import Trainer, init_seed  # noqa: E402
 
+from baseline import extract_revision  # noqa: E402  (bench/ is on the path of a bench script)
+
 ORIGINAL_EPOCH_S = 63.1
 ORIGINAL_VALID_S = 5.1
 
@@ -72,11 +74,7 @@ def scientific_size(args):
         write_downstream(tmp, name='SciLike', n_users=8442, n_items=4385, dim=512, seed=0, min_len=5, max_len=10)
         trees = {'this tree': ROOT}
         if args.baseline:
-            base = os.path.join(tmp, 'baseline')
-            os.makedirs(base)
-            archive = subprocess.run(['git', '-C', ROOT, 'archive', args.baseline], check=True,
-                                     capture_output=True).stdout
-            subprocess.run(['tar', '-x', '-C', base], input=archive, check=True)
+            base = extract_revision(ROOT, args.baseline, os.path.join(tmp, 'baseline'))
             trees = {f'baseline {args.baseline}': base, **trees}
         print(f'Scientific-sized set (8,442 users, 4,385 items, 512-d text + image), run01 setting, '
               f'{args.epochs} epochs, whole finetune.py runs')

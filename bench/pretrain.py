@@ -12,7 +12,9 @@ start of training (few interests per row, like epoch 0); `lloyd` gives each
 row its real distinct interests (about 6 per row, like later epochs), which
 costs more. The projected epoch is 108 batches plus one interest discovery.
 With `--baseline REV` the same measurement runs on `git archive REV` of this
-repository, so the ratio is measured on one machine in one run.
+repository, so the ratio is measured on one machine in one run; REV must have the
+pre-training loop in trainer.py (94cae89 or later). The figures against c0f10eb in
+the README were taken by this benchmark while it also read that older layout.
 
 `--data demo` times 1 or 2 processes (gloo) on the generated demo corpus. Both
 modes end with one line `RESULT key=value ...`.
@@ -27,18 +29,12 @@ import sys
 import tempfile
 import time
 
+from baseline import extract_revision
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BTG_BATCHES = 108          # ceil(440,714 / 4096)
 # measured before this benchmark existed (2 cores, one process): issue 13 of the tracker
 BTG_FIRST_MEASURED = {'epoch0_s': 797, 'epoch1_s': 1236, 's_per_batch': 7.2, 'peak_rss_gb': 6.65}
-
-
-def import_pretrainer():
-    try:
-        from trainer import Pretrainer
-    except ImportError:       # the layout before the pre-training loop moved into trainer.py
-        from ddp_pretrain import Pretrainer
-    return Pretrainer
 
 
 # --------------------------------------------------------------- BTG_text, one process
@@ -48,7 +44,7 @@ def btg_worker(root, data_path, kmeans_mode, steps, batch):
     import torch
     from config import Config, stage_files
     from data.pretrain import PretrainDataset
-    Pretrainer = import_pretrainer()
+    from trainer import Pretrainer
     start = time.perf_counter()
     config = Config('BTG_text', stage_files('pretrain'), {
         'data_path': data_path, 'train_stage': 'pretrain', 'use_gpu': False, 'show_progress': False,
@@ -84,11 +80,7 @@ def run_btg(a):
     trees = {'this tree': str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         if a.baseline:
-            base = os.path.join(tmp, 'baseline')
-            os.makedirs(base)
-            archive = subprocess.run(['git', '-C', str(ROOT), 'archive', a.baseline], check=True,
-                                     capture_output=True).stdout
-            subprocess.run(['tar', '-x', '-C', base], input=archive, check=True)
+            base = extract_revision(ROOT, a.baseline, os.path.join(tmp, 'baseline'))
             trees = {f'baseline {a.baseline}': base, **trees}
         results = {}
         print(f'BTG_text, batch {a.batch}, {a.steps} timed batches after one warm-up, one process, '
@@ -126,7 +118,7 @@ def _demo_worker(index, nproc, port, root, a, out):
     import distributed as D
     from config import Config, stage_files
     from data.pretrain import PretrainDataset
-    Pretrainer = import_pretrainer()
+    from trainer import Pretrainer
     os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(a.threads)
