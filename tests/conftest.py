@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from tools.make_demo_data import write_downstream, write_pretrain
 
@@ -90,3 +91,19 @@ def fake_recbole():
 
     yield install, remove
     remove()
+
+
+def save_original_checkpoint(fake_recbole, path, final, ckpt, input_type=False):
+    """Write our fine-tuned `ckpt` in the original code's layout: a pickled recbole Config over
+    `final` (MODEL_TYPE sequential, and MODEL_INPUT_TYPE pointwise with `input_type`)."""
+    install, remove = fake_recbole
+    config, model_type, inputs = install()
+    try:
+        final = dict(final, MODEL_TYPE=model_type.SEQUENTIAL)
+        if input_type:
+            final['MODEL_INPUT_TYPE'] = inputs.POINTWISE
+        torch.save({'config': config(final), 'epoch': 0, 'cur_step': 0, 'best_valid_score': 0.1,
+                    'state_dict': ckpt['state_dict'], 'other_parameter': None, 'optimizer': ckpt['optimizer']}, path)
+    finally:
+        remove()
+    return path

@@ -6,7 +6,7 @@ import re
 import torch
 
 import metrics as M
-from tests.conftest import FINETUNED_ARGS
+from tests.conftest import FINETUNED_ARGS, save_original_checkpoint
 from quick_start import build_config, evaluate_checkpoint, main, parse_args
 
 
@@ -56,20 +56,11 @@ def test_eval_only_needs_a_checkpoint(finetuned, capsys):
 
 def test_eval_only_original_format_checkpoint(finetuned, tmp_path, fake_recbole):
     """The original code's layout (pickled recbole Config) through the safe loader: the same metrics."""
-    install, remove = fake_recbole
     ckpt = torch.load(finetuned['checkpoint'], weights_only=True)
     final = dict(ckpt['config'])
     final['data_path'] = os.path.join(finetuned['data_path'], 'Demo')
     final.update({'model': 'MISSRec', 'device': torch.device('cpu'), 'metrics': ['Recall', 'NDCG']})
-    Config_, ModelType, _ = install()
-    try:
-        final['MODEL_TYPE'] = ModelType.SEQUENTIAL
-        path = tmp_path / 'original.pth'
-        torch.save({'config': Config_(final), 'epoch': 0, 'cur_step': 0, 'best_valid_score': 0.1,
-                    'state_dict': ckpt['state_dict'], 'other_parameter': None,
-                    'optimizer': ckpt['optimizer']}, path)
-    finally:
-        remove()
+    path = save_original_checkpoint(fake_recbole, tmp_path / 'original.pth', final, ckpt)
     got = evaluate(finetuned, path)
     assert got['valid'] == finetuned['out']['best_valid'] and got['test'] == finetuned['out']['test']
 

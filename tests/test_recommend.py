@@ -10,6 +10,7 @@ from data.dataset import SeqDataset
 import inference
 from inference import recommend as recommend_items
 from missrec import MISSRec
+from tests.conftest import save_original_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +132,6 @@ def test_script_runs_from_the_command_line(trained):
 def test_original_format_checkpoint(trained, reference, tmp_path, fake_recbole):
     """A fine-tuned checkpoint in the original's layout (pickled recbole Config, data_path joined with
     the dataset name, RecBole-only keys) gives the same recommendations."""
-    install, remove = fake_recbole
     data, _ = reference
     ckpt = torch.load(trained['checkpoint'], weights_only=True)
     final = dict(ckpt['config'])
@@ -140,14 +140,6 @@ def test_original_format_checkpoint(trained, reference, tmp_path, fake_recbole):
                   'metrics': ['Recall', 'NDCG', 'Precision'], 'learner': 'Adam'})
     for k in ('kmeans_mode', 'interest_clustering', 'cluster_memory_mb', 'contextual_gather_quirk'):
         final.pop(k, None)
-    Config_, ModelType, InputType = install()
-    try:
-        final['MODEL_TYPE'], final['MODEL_INPUT_TYPE'] = ModelType.SEQUENTIAL, InputType.POINTWISE
-        path = tmp_path / 'original.pth'
-        torch.save({'config': Config_(final), 'epoch': 0, 'cur_step': 0, 'best_valid_score': 0.1,
-                    'state_dict': ckpt['state_dict'], 'other_parameter': None,
-                    'optimizer': ckpt['optimizer']}, path)
-    finally:
-        remove()
+    path = save_original_checkpoint(fake_recbole, tmp_path / 'original.pth', final, ckpt, input_type=True)
     hist = ' '.join(_test_histories(data, 1)[0])
     assert recommend_items(str(path), [hist], topk=5) == recommend_items(trained['checkpoint'], [hist], topk=5)
