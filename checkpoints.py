@@ -41,10 +41,12 @@ monkey-patch it. The returned dict has `config` as a plain dict: the Config's
 class references strings like 'missrec.MISSRec').
 """
 import collections
+import io
 import logging
 import os
 import pickle
 import random
+import tempfile
 import types
 
 import numpy as np
@@ -55,7 +57,7 @@ from tools._io import atomic_open
 
 __all__ = ['load_checkpoint', 'state_dict_of', 'save_checkpoint', 'resume_from', 'load_pretrained',
            'shape_mismatches', 'CheckpointError', 'UnsafeCheckpointError', 'RecordedObject', 'EnumStandIn',
-           'GlobalRef']
+           'GlobalRef', 'check_writable']
 
 logger = logging.getLogger(__name__)
 
@@ -367,9 +369,29 @@ def shape_mismatches(model, state):
 # ---------------------------------------------------------------- our format
 def atomic_save(obj, path):
     """torch.save through a temporary file renamed over `path` (tools/_io.py): a kill at any
-    moment leaves either the old file or the new one, never a partial one."""
-    with atomic_open(path, 'wb') as f:
-        torch.save(obj, f)
+    moment leaves either the old file or the new one, never a partial one. The bytes are made
+    in memory first, so that a failing write (disk full) raises the OSError itself, not
+    torch's writer error, and becomes one line."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        with atomic_open(path, 'wb') as f:
+            f.write(buf.getbuffer())
+    except OSError as e:
+        raise CheckpointError(f'{path}: could not be written ({e.strerror or e}); '
+                              f'the checkpoints written before are kept') from e
+
+
+def check_writable(folder):
+    """Create `folder` if needed and write a probe file there, so that a run that could not save
+    its checkpoints stops before training."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-probe-', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f'{folder}: checkpoint folder cannot be written ({e.strerror or e})') from e
 
 
 def rng_state():

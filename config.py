@@ -72,6 +72,9 @@ DEFAULTS = {
     'item_mm_fusion': 'dynamic_shared',
     'lambda': 1e-3,
     'gamma': 1e-4,
+    # PAD interest slots in training: each its own dropout draw, as the original (SPEC 3.2
+    # step 4), or one shared draw counted Q - n times (faster, a different distribution)
+    'reg_pad_draws': 'independent',
     'item_drop_ratio': 0.2,
     'item_drop_coefficient': 0.9,
     'plm_suffix': 'feat1CLS',
@@ -125,6 +128,7 @@ CHOICES = {
     'interest_clustering': ('kmeans', 'dpc_knn'),
     'kmeans_mode': ('original', 'lloyd'),
     'contrastive_negatives': ('global', 'local'),
+    'reg_pad_draws': ('independent', 'shared'),
 }
 
 # Keys the original props files carry but that change nothing here (loss_type: the loss is always CE).

@@ -58,6 +58,7 @@ class MISSRec(SeqTransformer):
         self.temperature = config['temperature']
         self.lam = config['lambda']
         self.gamma = config['gamma']
+        self.reg_pad_draws = config['reg_pad_draws']
         self.modal_type = config['modal_type']
         self.id_type = config['id_type']
         self.seq_mm_fusion = config['seq_mm_fusion']
@@ -171,39 +172,58 @@ class MISSRec(SeqTransformer):
     def _encode_interests(self, item_seq, item_seq_len, interest_ids, interest_table, pad_len, width_max=None):
         """Encoder over distinct interest tokens; returns (memory, reg).
 
-        The original pads each row's distinct ids to the longest row of the batch;
-        padded slots (and an explicit 0 id) hold the zero PAD interest and are
-        masked as keys, so all of them in a row produce one and the same output.
-        Only one such slot per row is computed; the regulariser counts it as
-        often as the original layout has padded slots.
+        The original pads each row's distinct ids to the longest row of the batch
+        (Q slots); padded slots (and an explicit 0 id) hold the zero PAD interest and
+        are masked as keys. The decoder gets each row's valid slots and one PAD slot.
+        Without dropout every PAD slot of a row has the same output, so one is
+        computed and the regulariser counts it Q - n times. In training, each PAD
+        slot has its own dropout draw (SPEC 3.2 step 4): all Q - n are computed,
+        as queries only, unless `reg_pad_draws: shared` (faster, not the original's
+        distribution).
         """
         if not self.modalities:
             return None, item_seq.new_zeros((), dtype=torch.float)
         ids, n_valid = unique_interests(interest_ids)                    # [B, Qv], [B]
         b, qv = ids.shape
-        ids = torch.cat([ids, ids.new_zeros(b, 1)], dim=1)               # one PAD slot per row
-        key_mask = ids == 0                                              # [B, Qv+1]
-        slot = torch.arange(qv + 1, device=ids.device)
-        active = ~key_mask | (slot[None, :] == n_valid[:, None])
-        packer = Packer(active)
-        memory = self._encode_in_buckets(ids, n_valid, active, key_mask, interest_table)  # [T, H]
-
-        # Regulariser (SPEC 3.2 step 4) in the original's padded layout of Q slots.
         full_len = item_seq.shape[1] if pad_len is None else pad_len
         has_zero = (item_seq_len < full_len).long()                      # a padded item gives id 0
         q_orig = int((n_valid + has_zero).max())                         # the batch's padded width
         if width_max is not None:   # a share of a global batch: the width of the whole batch
             q_orig = width_max(q_orig)
-        # pooled = n/Q * (sum of the n valid outputs + (Q - n) * the PAD output), summed
-        # from the packed outputs: a row's n valid tokens come first, then its one PAD token
+        n_pad = q_orig - n_valid                                         # PAD slots of the original
+        pads = n_pad.clamp(min=1) if self._independent_pad_draws() else torch.ones_like(n_valid)
+        width = max(qv + 1, int((n_valid + pads).max()))
+        ids = torch.cat([ids, ids.new_zeros(b, width - qv)], dim=1)
+        key_mask = ids == 0                                              # [B, width]
+        slot = torch.arange(width, device=ids.device)
+        active = slot[None, :] < (n_valid + pads)[:, None]
+        memory = self._encode_in_buckets(ids, n_valid, active, key_mask, interest_table)  # [T, H]
+
+        # Regulariser (SPEC 3.2 step 4): pooled = n/Q * (sum of the n valid outputs + the
+        # Q - n PAD outputs), from the packed outputs (a row's n valid tokens, then its PADs).
         w = n_valid.float() / q_orig                                     # [B]
-        row = torch.repeat_interleave(torch.arange(b, device=ids.device), n_valid + 1)   # [T]
+        per_row = n_valid + pads
+        row = torch.repeat_interleave(torch.arange(b, device=ids.device), per_row)   # [T]
         coef = w[row]
-        pad_token = (n_valid + 1).cumsum(0) - 1
-        coef[pad_token] = w * (q_orig - n_valid).float()
+        is_pad = torch.arange(len(row), device=ids.device) - (per_row.cumsum(0) - per_row)[row] >= n_valid[row]
+        coef[is_pad] *= (n_pad.float() / pads.float())[row[is_pad]]      # shared draw: Q - n; none: 0
         pooled = memory.new_zeros(b, memory.shape[1]).index_add(0, row, memory * coef.unsqueeze(1))
         reg = (pooled * pooled).sum() / pooled.shape[1]
-        return (memory, packer, key_mask), reg
+
+        # the decoder's memory: valid slots and the first PAD slot of each row
+        keep = active & (slot[None, :] <= n_valid[:, None])
+        if not bool(keep.equal(active)):
+            memory = memory.index_select(0, (active.reshape(-1).long().cumsum(0) - 1)[keep.reshape(-1)])
+        width = qv + 1
+        return (memory, Packer(keep[:, :width]), key_mask[:, :width]), reg
+
+    def _independent_pad_draws(self):
+        """True when the PAD slots' dropout draws must each be computed (SPEC 3.2 step 4)."""
+        if not self.training or self.reg_pad_draws == 'shared':
+            return False
+        layer = self.trm_model.encoder.layers[0] if len(self.trm_model.encoder.layers) else None
+        return layer is not None and max(layer.dropout1.p, layer.dropout2.p, layer.dropout.p,
+                                         layer.self_attn.dropout) > 0
 
     def _encode_in_buckets(self, ids, n_valid, active, key_mask, interest_table):
         """Encoder outputs [T, H] of the active slots, packed like `Packer(active)`.
@@ -226,7 +246,7 @@ class MISSRec(SeqTransformer):
         while True:
             rows = ((n_valid > lower) & (n_valid <= upper)).nonzero().squeeze(1)
             if len(rows):
-                q = int(n_valid[rows].max()) + 1
+                q = int(active[rows].sum(1).max())
                 sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
                 sub = Packer(sub_active)
                 idx = sub.pack(ids_in_used[rows, :q])                    # [t] rows of `used`

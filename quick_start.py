@@ -20,7 +20,8 @@ import torch
 
 import distributed as D
 import metrics as M
-from checkpoints import CheckpointError, load_checkpoint, load_pretrained, shape_mismatches, state_dict_of
+from checkpoints import (CheckpointError, check_writable, load_checkpoint, load_pretrained, shape_mismatches,
+                         state_dict_of)
 from config import MODELS, Config, ConfigError, parse_overrides, stage_files
 from curves import open_curves
 from data.dataset import DataError, SeqDataset
@@ -81,9 +82,12 @@ def build_config(stage, args, rest):
     return Config(dataset=args.d, config_files=files, overrides=overrides)
 
 
-def _check_resume(path):
-    if path and not os.path.exists(path):
-        raise CheckpointError(f'{path}: checkpoint to resume from not found')
+def _check_files(config, resume):
+    """Before training: the checkpoint to resume from exists, and checkpoints can be written."""
+    if resume and not os.path.exists(resume):
+        raise CheckpointError(f'{resume}: checkpoint to resume from not found')
+    if D.is_main_process():
+        check_writable(config['checkpoint_dir'])
 
 
 # ----------------------------------------------------------------- fine-tuning
@@ -116,7 +120,7 @@ def finetune(config, resume=''):
     dataset, model, loaded = build_finetune(config, device)
     if D.rank():   # dropout differs per rank; rank 0 draws what a single process draws
         init_seed(config['seed'] + D.rank(), config['reproducibility'])
-    _check_resume(resume)
+    _check_files(config, resume)
 
     name = [config['model'], config['dataset'], config['note'], config['train_stage']]
     run_id = claim_run_id(config, name)
@@ -163,6 +167,8 @@ def finish(trainer, dataset, config, test_batches, log_path, untrained_valid=Non
     logger.info(f'test result: {M.ordered_repr(trainer.primary(test_results))}')
     logger.info(f'best valid (original top-K+1) : {M.ordered_repr(best[1])}')
     logger.info(f'test result (original top-K+1): {M.ordered_repr(test_results[1])}')
+    logger.info(f'best valid (exact top-K) : {M.ordered_repr(best[0])}')
+    logger.info(f'test result (exact top-K): {M.ordered_repr(test_results[0])}')
     pop = popularity_result(dataset, config)
     logger.info(f'most-popular baseline, test: {M.ordered_repr(pop)}')
     return {'model': config['model'], 'best_valid': best, 'test': test_results, 'popularity': pop,
@@ -278,7 +284,7 @@ def pretrain(config, resume=''):
     start_logging(D.is_main_process())
     device = D.process_device(config['use_gpu'])
     dataset = PretrainDataset(config).to(device)
-    _check_resume(resume)
+    _check_files(config, resume)
     name = ['MISSRec', config['dataset'], config['note'], 'pretrain']
     run_id = claim_run_id(config, name)
     log_path = init_logger(config, name + [run_id], main_process=D.is_main_process())

@@ -38,7 +38,7 @@ BTG_FIRST_MEASURED = {'epoch0_s': 797, 'epoch1_s': 1236, 's_per_batch': 7.2, 'pe
 
 
 # --------------------------------------------------------------- BTG_text, one process
-def btg_worker(root, data_path, kmeans_mode, steps, batch):
+def btg_worker(root, data_path, kmeans_mode, steps, batch, reg_pad_draws=None):
     """Runs in a fresh process with `root` first on sys.path; prints one JSON line."""
     sys.path.insert(0, root)
     import torch
@@ -48,7 +48,8 @@ def btg_worker(root, data_path, kmeans_mode, steps, batch):
     start = time.perf_counter()
     config = Config('BTG_text', stage_files('pretrain'), {
         'data_path': data_path, 'train_stage': 'pretrain', 'use_gpu': False, 'show_progress': False,
-        'modal_type': 'text', 'plm_size': 384, 'kmeans_mode': kmeans_mode, 'train_batch_size': batch})
+        'modal_type': 'text', 'plm_size': 384, 'kmeans_mode': kmeans_mode, 'train_batch_size': batch,
+        **({'reg_pad_draws': reg_pad_draws} if reg_pad_draws else {})})
     dataset = PretrainDataset(config)
     load_s = time.perf_counter() - start
     trainer = Pretrainer(config, dataset, torch.device('cpu'))
@@ -77,11 +78,14 @@ def run_btg(a):
     data_path = os.path.abspath(a.data_path)
     if not os.path.isdir(os.path.join(data_path, 'BTG_text')):
         sys.exit(f'error: {data_path}/BTG_text not found (--data_path)')
-    trees = {'this tree': str(ROOT)}
+    # (label, source tree, reg_pad_draws): the PAD slots' own dropout draws (the default)
+    # cost more than one shared draw per row; both are timed
+    draws = a.reg_pad_draws.split(',')
+    trees = [('this tree' + ('' if d == draws[0] else f' ({d} PAD draws)'), str(ROOT), d) for d in draws]
     with tempfile.TemporaryDirectory() as tmp:
         if a.baseline:
             base = extract_revision(ROOT, a.baseline, os.path.join(tmp, 'baseline'))
-            trees = {f'baseline {a.baseline}': base, **trees}
+            trees = [(f'baseline {a.baseline}', base, '')] + trees
         results = {}
         print(f'BTG_text, batch {a.batch}, {a.steps} timed batches after one warm-up, one process, '
               f'{os.environ.get("OMP_NUM_THREADS", "default")} threads')
@@ -89,9 +93,10 @@ def run_btg(a):
               'peak RSS GB | first losses |')
         print('|---|---|---|---|---|---|---|---|')
         for mode in a.modes.split(','):
-            for name, root in trees.items():
+            for name, root, draw in trees:
                 out = subprocess.run([sys.executable, __file__, '--worker', root, '--data_path', data_path,
-                                      '--modes', mode, '--steps', str(a.steps), '--batch', str(a.batch)],
+                                      '--modes', mode, '--steps', str(a.steps), '--batch', str(a.batch),
+                                      '--reg_pad_draws', draw],
                                      check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results[name, mode] = r
@@ -109,6 +114,9 @@ def run_btg(a):
         if a.baseline:
             b = results[f'baseline {a.baseline}', mode]
             parts.append(f'speedup_{mode}={b["s_per_batch"] / r["s_per_batch"]:.2f}')
+        for name, _, draw in trees[1 + bool(a.baseline):]:
+            parts.append(f'cost_of_{draws[0]}_over_{draw}_{mode}='
+                         f'{r["s_per_batch"] / results[name, mode]["s_per_batch"]:.2f}')
     print('RESULT data=BTG_text ' + ' '.join(parts))
 
 
@@ -177,13 +185,15 @@ def main():
     ap.add_argument('--batch', type=int, default=None, help='global batch (btg 4096, demo 512)')
     ap.add_argument('--hidden', type=int, default=300, help='demo: hidden size')
     ap.add_argument('--setups', default='1x1,1x2,2x1', help='demo: processes x threads, comma-separated')
+    ap.add_argument('--reg_pad_draws', default='independent,shared',
+                    help='btg: regulariser PAD draws to time, comma-separated, the first one is reported')
     ap.add_argument('--worker', default='', help=argparse.SUPPRESS)
     a = ap.parse_args()
     btg = a.data == 'btg'
     a.steps = a.steps or (4 if btg else 6)
     a.batch = a.batch or (4096 if btg else 512)
     if a.worker:
-        btg_worker(a.worker, a.data_path, a.modes, a.steps, a.batch)
+        btg_worker(a.worker, a.data_path, a.modes, a.steps, a.batch, a.reg_pad_draws)
     elif btg:
         run_btg(a)
     else:

@@ -147,28 +147,36 @@ def read_item2index(path):
     return out
 
 
-def check_feature_file(path, dim, what, item_map):
+def check_feature_file(path, dim, what, item_map, used_rows=None):
     """A raw float32 feature file of `dim` columns exists and has a fitting size; the item count
     of `item_map` (an `.item2index` file, when present) catches a file written with another
-    width whose size happens to divide by `dim`. Raises a DataError that names the file."""
+    width whose size happens to divide by `dim`. Without one, `used_rows` (1 + the highest row
+    the tokens use) catches a file that holds exactly `used_rows` rows of another width.
+    Raises a DataError that names the file."""
     if not os.path.exists(path):
         raise DataError(f'{path}: {what} not found')
     size = os.path.getsize(path)
     if size % (dim * 4):
         raise DataError(f'{path}: size {size} bytes is not a multiple of {dim} float32 columns '
                         f'({dim * 4} bytes per row); check plm_size/img_size')
-    expected = count_lines(item_map) if os.path.exists(item_map) else None
-    if expected is not None and size != expected * dim * 4:
-        raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but {os.path.basename(item_map)} '
-                        f'lists {expected} items; check plm_size/img_size (the file would have '
-                        f'{size / (expected * 4):g} columns)')
+    if os.path.exists(item_map):
+        expected = count_lines(item_map)
+        if size != expected * dim * 4:
+            raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but {os.path.basename(item_map)} '
+                            f'lists {expected} items; check plm_size/img_size (the file would have '
+                            f'{size / (expected * 4):g} columns)')
+    elif used_rows and size > used_rows * dim * 4 and size % (used_rows * 4) == 0:
+        raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but the item tokens use '
+                        f'{used_rows} rows: it looks like {used_rows} rows of {size // (used_rows * 4)} '
+                        f'columns; check plm_size/img_size (or add {os.path.basename(item_map)} to '
+                        f'list its items)')
 
 
 def load_features(path, dim, tokens, what, item_map):
     """[len(tokens) + 1, dim] float32 table: row i = feature row int(tokens[i-1]); row 0 zeros."""
-    check_feature_file(path, dim, f'{what} feature file', item_map)
-    feat = np.fromfile(path, dtype='<f4').reshape(-1, dim)
     rows = np.array([int(t) for t in tokens], dtype=np.int64)
+    check_feature_file(path, dim, f'{what} feature file', item_map, int(rows.max()) + 1 if len(rows) else None)
+    feat = np.fromfile(path, dtype='<f4').reshape(-1, dim)
     if len(rows) and rows.max() >= len(feat):
         bad = tokens[int(rows.argmax())]
         raise DataError(f'{path}: item token {bad} has no feature row (the file has {len(feat)} rows)')

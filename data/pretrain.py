@@ -67,9 +67,9 @@ def load_domain_table(folder, domains, suffix, dim, dom, row, tokens):
     table = np.zeros((len(dom) + 1, dim), dtype=np.float32)
     for d, name in enumerate(domains):
         path = os.path.join(folder, f'{name}.{suffix}')
-        check_feature_file(path, dim, f'feature file of domain {name!r} (listed in .pt_datasets)',
-                           os.path.join(folder, f'{name}.item2index'))
         sel = np.nonzero(dom == d)[0]
+        check_feature_file(path, dim, f'feature file of domain {name!r} (listed in .pt_datasets)',
+                           os.path.join(folder, f'{name}.item2index'), int(row[sel].max()) + 1 if len(sel) else None)
         if not len(sel):
             continue
         feat = np.memmap(path, dtype='<f4', mode='r').reshape(-1, dim)

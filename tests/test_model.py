@@ -239,3 +239,39 @@ def test_regulariser_of_batch_shares_adds_up_with_the_global_width():
             local += model.finetune_seq_output(seq[part], lens[part], tables, pad_len=9)[1]
     assert torch.allclose(shares, whole, rtol=1e-5)
     assert not torch.allclose(local, whole, rtol=1e-3)
+
+
+def _reg_draws(fn, n=300):
+    """reg and the norm of its gradient on the encoder's FFN, over n dropout draws."""
+    values, grads = [], []
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        reg = fn()
+        values.append(float(reg.detach()))
+        grads.append(float(torch.autograd.grad(reg, fn.weight)[0].norm()))
+    return torch.tensor(values), torch.tensor(grads)
+
+
+@pytest.mark.parametrize('draws', ['independent', 'shared'])
+def test_training_regulariser_is_distributed_as_the_padded_original(draws):
+    """In training every PAD slot of the original's padded layout has its own dropout draw:
+    mean and spread of reg and of its gradient over many draws match the literal padded
+    reference; one shared draw per row (`reg_pad_draws: shared`) does not."""
+    model = small_model(reg_pad_draws=draws).train()
+    seq, lens = batch(lengths=(1, 3, 9, 2, 1, 9, 1, 2))
+    model.set_interests(torch.arange(2 * (N - 1)) % model.num_interest, torch.randn(model.num_interest, 64))
+    tables = model.adapted_tables()
+
+    def ours():
+        return model.finetune_seq_output(seq, lens, tables)[1]
+
+    def literal():
+        return ref.seq_output(model, seq, lens)[1]
+
+    ours.weight = literal.weight = model.trm_model.encoder.layers[0].linear1.weight
+    (v, g), (v_ref, g_ref) = _reg_draws(ours), _reg_draws(literal)
+    matches = []
+    for a, b in ((v, v_ref), (g, g_ref)):
+        se = (a.var() / len(a) + b.var() / len(b)).sqrt()
+        matches += [abs(float(a.mean() - b.mean())) < 4 * se, 0.8 < float(a.std() / b.std()) < 1.25]
+    assert all(matches) == (draws == 'independent'), matches

@@ -87,15 +87,19 @@ PRETRAIN_FAILURES = {
     'token of a domain beyond the list': (
         lambda d: (d / 'DemoPT' / 'DemoPT.pt_datasets').write_text('DemoA,DemoB\n'),
         "names domain 2, but the .pt_datasets file lists 2 domains"),
+    # 40 rows of 32 columns read as 80 rows of 16; no .item2index: the token range tells
+    'feature width differs from plm_size': (
+        lambda d: None, "DemoA.feat1CLS: 80 rows of 16 columns, but the item tokens use 40 rows: it looks like "
+                        "40 rows of 32 columns; check plm_size/img_size", '--plm_size=16'),
 }
 
 
 @pytest.mark.parametrize('case', list(PRETRAIN_FAILURES))
 def test_bad_pretraining_corpus_stops_in_one_line_before_writing(demo_pretrain, tmp_path, case):
     data = _copy_corpus(demo_pretrain, tmp_path)
-    break_it, expected = PRETRAIN_FAILURES[case]
+    break_it, expected, *args = PRETRAIN_FAILURES[case]
     break_it(data)
-    out = pretrain(data, tmp_path)
+    out = pretrain(data, tmp_path, *args)
     err = out.stderr.strip()
     assert out.returncode == 2 and err.startswith('error: ') and '\n' not in err and expected in err, err
     assert not os.path.exists(tmp_path / 'saved')
@@ -115,4 +119,41 @@ def test_truncated_checkpoint_is_one_line_and_earlier_files_stay(demo, demo_pret
         out = pretrain(demo_pretrain, tmp_path, '--resume', str(bad), '--pretrain_epochs=2')
     lines = [l for l in out.stderr.strip().splitlines() if not l.startswith('no CUDA')]
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'error: {bad}: not a readable checkpoint')
+    assert load_checkpoint(str(good))['epoch'] == 0
+
+
+def test_unwritable_checkpoint_folder_stops_before_training(demo_pretrain, tmp_path):
+    (tmp_path / 'file').write_text('a file where the folder would be')
+    out = pretrain(demo_pretrain, tmp_path, f'--checkpoint_dir={tmp_path}/file/saved')
+    err = out.stderr.strip()
+    assert out.returncode == 2 and err == f'error: {tmp_path}/file/saved: checkpoint folder cannot be written ' \
+                                          f'(Not a directory)', err
+    assert not os.path.exists(tmp_path / 'log')                   # stopped before the run's log
+
+
+def _file_size_limit(limit):
+    """In the child: writes beyond `limit` bytes fail with EFBIG (a full disk, for one process)."""
+    def apply():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)             # an error, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(demo_pretrain, tmp_path):
+    first = pretrain(demo_pretrain, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    good = tmp_path / 'saved' / 'MISSRec-DemoPT-1.pth'
+    size = good.stat().st_size
+    cmd = [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={demo_pretrain}',
+           f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', '--pretrain_epochs=2', '--save_step=1',
+           *TINY, '--resume', str(good)]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+                         preexec_fn=_file_size_limit(size // 2))
+    lines = [l for l in out.stderr.strip().splitlines() if not l.startswith('no CUDA')]
+    assert out.returncode == 2 and lines == [
+        f'error: {tmp_path}/saved/MISSRec-DemoPT-2.pth: could not be written (File too large); '
+        f'the checkpoints written before are kept'], out.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / 'saved')) == ['MISSRec-DemoPT-1.pth']     # no partial file
     assert load_checkpoint(str(good))['epoch'] == 0

@@ -27,6 +27,7 @@ def test_twenty_scripts_match_the_reference_rows():
         office_transductive = row['dataset'] == 'Office' and row['with_id'] == '1'
         assert ('--interest_ratio=0.3 --train_batch_size=1024 --eval_batch_size=2048' in text) == office_transductive
         assert f"--script={row['script']}" in text
+        assert '--eval_topk_plus_one=True' in text          # the reference table's selection key
 
 
 @pytest.mark.parametrize('cwd', ['.', 'scripts'])
@@ -42,7 +43,11 @@ def test_run_script_works_from_root_and_scripts_dir_on_cpu(demo, tmp_path, cwd):
     assert out.returncode == 0, out.stderr[-2000:]
     assert 'no CUDA device found: running on the CPU' in out.stderr
     log = open(re.search(r'log: (\S+)', out.stdout).group(1)).read()
-    assert 'script = run01.sh' in log and 'test result: OrderedDict' in log
+    assert 'script = run01.sh' in log and 'eval_topk_plus_one = True' in log
+    # selection and the first lines in the original's convention, the exact top-K logged too
+    first = re.search(r'test result: (OrderedDict.*)', log).group(1)
+    assert re.search(r'test result \(original top-K\+1\): (OrderedDict.*)', log).group(1) == first
+    assert 'test result (exact top-K): OrderedDict' in log
     assert 'epochs = 1\n' in log and 'hidden_size = 16\n' in log
 
 
