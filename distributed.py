@@ -26,6 +26,7 @@ import torch.distributed as dist
 from config import ConfigError
 
 _GATHER_GROUP = None   # a separate group keeps feature gathers apart from DDP's gradient buckets
+_JOB_STORE = None      # torchrun's store: outlives restarts of the processes (job_value)
 
 
 def is_dist():
@@ -89,18 +90,44 @@ def init_from_env(use_gpu=True, timeout_s=1800, group_of_one=False):
     if not launched_by_torchrun() or (int(os.environ['WORLD_SIZE']) == 1 and not group_of_one) or is_dist():
         return device
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torchrun's store outlives a restart of the workers (--max-restarts), and the keys of the
+    # failed attempt (its processes' addresses) would be read again: one prefix per attempt
+    global _JOB_STORE
+    _JOB_STORE, rank, world = next(dist.rendezvous('env://', timeout=timeout))
+    store = dist.PrefixStore(f'attempt{restart_count()}', _JOB_STORE)
     # device_id binds the group to this GPU (otherwise NCCL guesses it at the first barrier)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+    dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world,
                             device_id=device if backend == 'nccl' else None)
     _GATHER_GROUP = dist.new_group(backend=backend)
     return device
 
 
 def teardown():
-    global _GATHER_GROUP
+    global _GATHER_GROUP, _JOB_STORE
     if is_dist():
         dist.destroy_process_group()
-    _GATHER_GROUP = None
+    _GATHER_GROUP = _JOB_STORE = None
+
+
+def restart_count():
+    """How often torchrun (--max-restarts) has restarted this job's processes."""
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+
+
+def job_value(key, make):
+    """A string that stays the same for every attempt of a torchrun job: rank 0 of the first
+    attempt makes it, restarted processes read it back from torchrun's store. Without a
+    process group, simply `make()`."""
+    if _JOB_STORE is None:
+        return make()
+    key = f'missrec/{key}'
+    if restart_count() and _JOB_STORE.check([key]):
+        return _JOB_STORE.get(key).decode()
+    value = broadcast_object(make() if is_main_process() else None)
+    if is_main_process():
+        _JOB_STORE.set(key, value)
+    return value
 
 
 def barrier():

@@ -90,6 +90,11 @@ def _check_files(config, resume):
         check_writable(config['checkpoint_dir'])
 
 
+def _log_restart(resume):
+    logger.info(f'torchrun restart {D.restart_count()}: ' +
+                (f'resuming from {resume}' if resume else 'no checkpoint of this job yet, starting over'))
+
+
 # ----------------------------------------------------------------- fine-tuning
 def build_finetune(config, device):
     """Dataset and model (with the pre-trained weights if any) of a fine-tuning run, and the
@@ -145,6 +150,9 @@ def finetune(config, resume=''):
     if config['model'] == 'Pop':   # nothing to learn: the counts are the model, evaluated as they are
         return dict(finish(trainer, dataset, config, test, log_path, valid), run_id=run_id)
     trainer.curves = open_curves(config, log_path)                    # log/{run}.csv, one row per epoch
+    if D.restart_count() and not resume:   # torchrun --max-restarts: continue this job's run
+        resume = trainer.last_model_file if os.path.exists(trainer.last_model_file) else ''
+        _log_restart(resume)
     if resume:
         trainer.resume(resume)
     trainer.fit(train, valid)
@@ -297,9 +305,12 @@ def pretrain(config, resume=''):
     logger.info(str(trainer.model))
     logger.info(f'Interests: {trainer.model.num_interest}')
     trainer.curves = open_curves(config, log_path, validation=False)  # log/{run}.csv, one row per epoch
+    if D.restart_count() and not resume:   # torchrun --max-restarts: continue from this job's newest checkpoint
+        resume = trainer.newest_checkpoint()
+        _log_restart(resume)
     if resume:
         trainer.resume(resume)
-    trainer.check_overwrite(resumed=bool(resume))
+    trainer.check_overwrite(resumed=bool(resume) or D.restart_count() > 0)
     losses = trainer.fit()
     if trainer.curves:
         trainer.curves.close()

@@ -123,18 +123,18 @@ def claim_run_id(config, name_parts):
     """A run id no other run has: the start time and a random suffix, claimed by creating the
     run's log file `{log_dir}/{name_parts}-{id}.log` exclusively (rank 0; every rank gets the id).
     The log, the best checkpoint and `-last.pth` are named after it, so runs started in the same
-    second (a sweep, several GPUs of one machine, a shared folder) never write each other's files."""
-    run_id = None
-    if D.is_main_process():
+    second (a sweep, several GPUs of one machine, a shared folder) never write each other's files.
+    Processes restarted by torchrun (--max-restarts) get their job's id back, and so its files."""
+    def claim():
         os.makedirs(config['log_dir'], exist_ok=True)
-        while run_id is None:
+        while True:
             candidate = f'{local_time()}-{secrets.token_hex(3)}'
             try:
                 open(log_file(config, name_parts + [candidate]), 'x').close()
-                run_id = candidate
+                return candidate
             except FileExistsError:
                 continue
-    return D.broadcast_object(run_id)
+    return D.job_value('run_id', claim)
 
 
 def log_file(config, name_parts):
@@ -449,6 +449,13 @@ class Pretrainer(_Loop):
     def checkpoint_path(self, epoch):
         suffix = f"-{self.config['ckpt_suffix']}" if self.config['ckpt_suffix'] else ''
         return os.path.join(self.config['checkpoint_dir'], f"MISSRec-{self.config['dataset']}-{epoch + 1}{suffix}.pth")
+
+    def newest_checkpoint(self):
+        """The checkpoint of the latest epoch this run's settings name that exists, or ''."""
+        for epoch in reversed(range(self.epochs)):
+            if (epoch + 1) % self.save_step == 0 and os.path.exists(self.checkpoint_path(epoch)):
+                return self.checkpoint_path(epoch)
+        return ''
 
     def save(self, epoch):
         """`epoch` is the last finished epoch (0-based; the file name says epoch + 1)."""

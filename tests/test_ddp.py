@@ -3,7 +3,10 @@
 Workers are started with `torch.multiprocessing.spawn` (as `python ddp_pretrain.py --nproc 2` does);
 each writes its values to a file that the test compares. Also distributed.py's device and launch helpers.
 """
+import glob
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -318,3 +321,49 @@ def test_two_node_rendezvous_equals_one_node_with_two_processes(data, tmp_path):
     a = torch.load(tmp_path / 'one' / 'MISSRec-DemoPT-2.pth', weights_only=True)['state_dict']
     b = torch.load(tmp_path / 'two' / 'MISSRec-DemoPT-2.pth', weights_only=True)['state_dict']
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _torchrun_job(args, out, kill_after=None):
+    """A `torchrun --max-restarts=2` job of 2 gloo workers writing to `out`; with `kill_after` (a
+    glob under out/saved), one worker is SIGKILLed as soon as such a checkpoint exists."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--max-restarts=2',
+           '--monitor-interval=0.2'] + args + [f'--checkpoint_dir={out}/saved', f'--log_dir={out}/log']
+    job = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    killed = None
+    if kill_after:
+        deadline = time.time() + 240
+        while not glob.glob(f'{out}/saved/{kill_after}') and time.time() < deadline:
+            time.sleep(0.02)
+        with open(f'/proc/{job.pid}/task/{job.pid}/children') as f:
+            killed = int(f.read().split()[-1])                 # a worker process of the launcher
+        os.kill(killed, signal.SIGKILL)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output[-3000:]
+    return output, killed
+
+
+@pytest.mark.parametrize('stage', ['pretrain', 'finetune'])
+def test_torchrun_restart_resumes_and_ends_as_an_uninterrupted_run(data, tmp_path, stage):
+    """A worker SIGKILLed after the first checkpoint: torchrun restarts the workers, they continue
+    from that checkpoint on their own (same run id and log), and the final checkpoint equals an
+    uninterrupted run's in every tensor."""
+    common = ['--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32', '--n_heads=2',
+              '--show_progress=False', '--use_gpu=False', '--train_batch_size=16']
+    if stage == 'pretrain':
+        args = ['ddp_pretrain.py', '-d', 'DemoPT', f"--data_path={data['pre']}", '--pretrain_epochs=4',
+                '--save_step=1'] + common
+        first, final = 'MISSRec-DemoPT-1.pth', 'MISSRec-DemoPT-4.pth'
+    else:
+        args = ['ddp_finetune.py', '-d', 'Demo', f"--data_path={data['down']}", '--epochs=4',
+                '--stopping_step=100'] + common
+        first, final = '*-last.pth', '*-last.pth'
+    _torchrun_job(args, tmp_path / 'plain')
+    output, killed = _torchrun_job(args, tmp_path / 'killed', kill_after=first)
+    assert re.search(rf'failed \(exitcode: -9\) local_rank: \d \(pid: {killed}\)', output), output[-3000:]
+    logs = glob.glob(f'{tmp_path}/killed/log/*.log')
+    assert len(logs) == 1 and 'torchrun restart 1: resuming from' in open(logs[0]).read()
+    a = torch.load(glob.glob(f'{tmp_path}/plain/saved/{final}')[0], weights_only=True)
+    b = torch.load(glob.glob(f'{tmp_path}/killed/saved/{final}')[0], weights_only=True)
+    assert a['epoch'] == b['epoch'] == 3
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
