@@ -251,7 +251,15 @@ class MISSRec(SeqTransformer):
                 sub = Packer(sub_active)
                 idx = sub.pack(ids_in_used[rows, :q])                    # [t] rows of `used`
                 qkv = None if table_qkv is None else table_qkv.index_select(0, idx)
-                outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask, qkv))
+                # keys and values: a row's valid slots (its first n tokens); its PAD slots are
+                # masked keys, so they are queries only
+                n_rows = n_valid[rows]
+                counts = sub_active.sum(1)
+                kv_mask = torch.arange(int(n_rows.max()), device=rows.device)[None, :] >= n_rows[:, None]
+                key_index = ((counts.cumsum(0) - counts)[:, None]
+                             + torch.arange(kv_mask.shape[1], device=rows.device)[None, :])[~kv_mask]
+                outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask, qkv,
+                                                  keys=(key_index, Packer(~kv_mask), kv_mask)))
                 flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
                 targets.append(position[flat])
             if upper >= int(n_valid.max()):

@@ -80,14 +80,15 @@ def _heads(x, n_heads):
     return x.view(b, l, n_heads, h // n_heads).transpose(1, 2)        # [B, nh, L, d]
 
 
-def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, training, qkv=None):
+def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, training, qkv=None,
+              kv_index=None):
     """Multi-head attention of `mha`'s weights on packed tokens.
 
     Args:
         q_tokens: [Tq, H] packed queries; kv_tokens: [Tk, H] packed keys/values.
         key_padding_mask: [B, Lk] True where a key is ignored.
-        qkv: optional [T, 3H] in-projection of the tokens, already computed
-            (self-attention only).
+        qkv: optional [T, 3H] in-projection of the queries, already computed
+            (self-attention only); the keys are the tokens `kv_index` of the queries, or all.
     Returns:
         [Tq, H] attention output (after the output projection), packed like the queries.
     """
@@ -96,7 +97,8 @@ def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, t
     if q_packer.shape[1] == 1 and len(q_packer.index) == q_packer.shape[0]:
         return _one_query_attention(mha, q_tokens, kv_tokens, kv_packer, key_padding_mask, training)
     q_lin = F.linear(q_tokens, w[:h], b[:h]) if qkv is None else qkv[:, :h]
-    kv_lin = F.linear(kv_tokens, w[h:], b[h:]) if qkv is None else qkv[:, h:]
+    kv_lin = (F.linear(kv_tokens, w[h:], b[h:]) if qkv is None else
+              qkv[:, h:] if kv_index is None else qkv[:, h:].index_select(0, kv_index))
     q = q_packer.unpack(q_lin)                                         # [B, Lq, H]
     kv = kv_packer.unpack(kv_lin)                                      # [B, Lk, 2H]
     k, v = kv.chunk(2, dim=-1)
@@ -161,10 +163,19 @@ def feed_forward(layer, x, training):
     return layer.linear2(dropout(layer.activation(layer.linear1(x)), layer.dropout.p, training))
 
 
-def encoder_layer(layer, x, packer, key_padding_mask, training, qkv=None):
-    """One post-norm nn.TransformerEncoderLayer on packed tokens x [T, H] (`qkv`: see `attention`)."""
-    x = layer.norm1(x + dropout(attention(layer.self_attn, x, packer, x, packer,
-                                          key_padding_mask, training, qkv), layer.dropout1.p, training))
+def encoder_layer(layer, x, packer, key_padding_mask, training, qkv=None, keys=None):
+    """One post-norm nn.TransformerEncoderLayer on packed tokens x [T, H] (`qkv`: see `attention`).
+
+    keys: None (every unmasked token of x is a key), or (index [Tk] of the key tokens in x,
+    their packer, their key_padding_mask): tokens that are masked keys attend without being
+    keys, which gives the same result without their keys and values."""
+    if keys is None:
+        att = attention(layer.self_attn, x, packer, x, packer, key_padding_mask, training, qkv)
+    else:
+        index, kv_packer, kv_mask = keys
+        att = attention(layer.self_attn, x, packer, x.index_select(0, index), kv_packer, kv_mask, training, qkv,
+                        kv_index=index)
+    x = layer.norm1(x + dropout(att, layer.dropout1.p, training))
     return layer.norm2(x + dropout(feed_forward(layer, x, training), layer.dropout2.p, training))
 
 
@@ -226,12 +237,14 @@ class SeqTransformer(nn.Module):
             module.bias.data.zero_()
             module.weight.data.fill_(1.0)
 
-    def encode_memory(self, tokens, packer, key_padding_mask, first_qkv=None):
+    def encode_memory(self, tokens, packer, key_padding_mask, first_qkv=None, keys=None):
         """Encoder stack (with its final norm) on packed interest tokens [T, H];
-        `first_qkv` [T, 3H]: the first layer's in-projection of the tokens, if already known."""
+        `first_qkv` [T, 3H]: the first layer's in-projection of the tokens, if already known;
+        `keys`: see `encoder_layer`."""
         x = tokens
         for i, layer in enumerate(self.trm_model.encoder.layers):
-            x = encoder_layer(layer, x, packer, key_padding_mask, self.training, first_qkv if i == 0 else None)
+            x = encoder_layer(layer, x, packer, key_padding_mask, self.training, first_qkv if i == 0 else None,
+                              keys)
         return self.trm_model.encoder.norm(x)
 
     def decode(self, tokens, packer, key_padding_mask, memory, query_rows, query_packer):
