@@ -15,6 +15,9 @@ With `--baseline REV` the same measurement runs on `git archive REV` of this
 repository, so the ratio is measured on one machine in one run; REV must have the
 pre-training loop in trainer.py (94cae89 or later). The figures against c0f10eb in
 the README were taken by this benchmark while it also read that older layout.
+`--reg_pad_draws independent,shared` (the default) times the regulariser with the
+original's own dropout draw per padded interest slot and with one shared draw, and
+`--init CKPT` starts from a pre-training checkpoint (the loss level of a trained model).
 
 `--data demo` times 1 or 2 processes (gloo) on the generated demo corpus. Both
 modes end with one line `RESULT key=value ...`.
@@ -38,7 +41,7 @@ BTG_FIRST_MEASURED = {'epoch0_s': 797, 'epoch1_s': 1236, 's_per_batch': 7.2, 'pe
 
 
 # --------------------------------------------------------------- BTG_text, one process
-def btg_worker(root, data_path, kmeans_mode, steps, batch, reg_pad_draws=None):
+def btg_worker(root, data_path, kmeans_mode, steps, batch, reg_pad_draws=None, init=''):
     """Runs in a fresh process with `root` first on sys.path; prints one JSON line."""
     sys.path.insert(0, root)
     import torch
@@ -53,6 +56,9 @@ def btg_worker(root, data_path, kmeans_mode, steps, batch, reg_pad_draws=None):
     dataset = PretrainDataset(config)
     load_s = time.perf_counter() - start
     trainer = Pretrainer(config, dataset, torch.device('cpu'))
+    if init:   # the weights of a pre-training checkpoint (its interests are discovered again below)
+        from checkpoints import load_checkpoint
+        trainer.model.load_state_dict(load_checkpoint(init)['state_dict'])
     start = time.perf_counter()
     trainer.discover(0)
     discovery_s = time.perf_counter() - start
@@ -88,7 +94,7 @@ def run_btg(a):
             trees = [(f'baseline {a.baseline}', base, '')] + trees
         results = {}
         print(f'BTG_text, batch {a.batch}, {a.steps} timed batches after one warm-up, one process, '
-              f'{os.environ.get("OMP_NUM_THREADS", "default")} threads')
+              f'{os.environ.get("OMP_NUM_THREADS", "default")} threads' + (f', from {a.init}' if a.init else ''))
         print('| code | kmeans_mode | s per batch | sequences/s | projected epoch s | discovery s | '
               'peak RSS GB | first losses |')
         print('|---|---|---|---|---|---|---|---|')
@@ -96,7 +102,7 @@ def run_btg(a):
             for name, root, draw in trees:
                 out = subprocess.run([sys.executable, __file__, '--worker', root, '--data_path', data_path,
                                       '--modes', mode, '--steps', str(a.steps), '--batch', str(a.batch),
-                                      '--reg_pad_draws', draw],
+                                      '--reg_pad_draws', draw, '--init', a.init],
                                      check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results[name, mode] = r
@@ -187,13 +193,14 @@ def main():
     ap.add_argument('--setups', default='1x1,1x2,2x1', help='demo: processes x threads, comma-separated')
     ap.add_argument('--reg_pad_draws', default='independent,shared',
                     help='btg: regulariser PAD draws to time, comma-separated, the first one is reported')
+    ap.add_argument('--init', default='', help='btg: start from the weights of this pre-training checkpoint')
     ap.add_argument('--worker', default='', help=argparse.SUPPRESS)
     a = ap.parse_args()
     btg = a.data == 'btg'
     a.steps = a.steps or (4 if btg else 6)
     a.batch = a.batch or (4096 if btg else 512)
     if a.worker:
-        btg_worker(a.worker, a.data_path, a.modes, a.steps, a.batch, a.reg_pad_draws)
+        btg_worker(a.worker, a.data_path, a.modes, a.steps, a.batch, a.reg_pad_draws, a.init)
     elif btg:
         run_btg(a)
     else:
