@@ -310,3 +310,32 @@ def test_nan_item_rows_stop_pretraining_at_interest_discovery(pre, tmp_path, mon
     err = capsys.readouterr().err
     assert (f"error: interest discovery before epoch 2: 2 of 240 points are not finite (NaN or inf); "
             f"the last good checkpoint is {tmp_path}/saved/MISSRec-DemoPT-2.pth\n") in err
+
+
+def test_text_only_corpus_like_btg_text_runs_and_resumes(make_demo, tmp_path):
+    """A corpus shaped like BTG_text: 384-d text features, an .item2index per domain, no image
+    files; pre-trained with --modal_type=text --plm_size=384, resumed after one epoch, it ends
+    with the checkpoint of an uninterrupted run."""
+    src = make_demo('pretrain', name='DemoPT', n_users_per_domain=20, n_items_per_domain=30, dim=384, seed=3)[0]
+    root = tmp_path / 'data'
+    shutil.copytree(src, root)
+    for path in (root / 'DemoPT').glob('*.feat3CLS'):
+        rows = path.stat().st_size // (384 * 4)
+        (root / 'DemoPT' / (path.stem + '.item2index')).write_text(''.join(f'item{i}\t{i}\n' for i in range(rows)))
+        path.unlink()
+    args = ['--modal_type=text', '--plm_size=384', '--hidden_size=32', '--inner_size=32', '--n_heads=2',
+            '--show_progress=False', '--use_gpu=False', '--save_step=1', '--train_batch_size=64']
+
+    def run(tmp, *extra, resume=''):
+        argv = ['-d', 'DemoPT', f'--data_path={root}', f'--checkpoint_dir={tmp}/saved', f'--log_dir={tmp}/log',
+                *args, *extra]
+        return quick_start.pretrain(quick_start.build_config('pretrain', *quick_start.parse_args('pretrain', argv)),
+                                    resume)
+    full = run(tmp_path / 'full', '--pretrain_epochs=2')
+    part = run(tmp_path / 'part', '--pretrain_epochs=1')
+    resumed = run(tmp_path / 'part', '--pretrain_epochs=2', resume=part['checkpoints'][-1])
+    assert full['trainer'].model.modalities == ['text']
+    a = torch.load(full['checkpoints'][-1], weights_only=True)['state_dict']
+    b = torch.load(resumed['checkpoints'][-1], weights_only=True)['state_dict']
+    assert not any('img' in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    assert full['losses'][1] == resumed['losses'][0]
