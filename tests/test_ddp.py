@@ -272,12 +272,16 @@ def test_nccl_group_is_bound_to_the_process_gpu(gpus, monkeypatch):
     monkeypatch.setattr(D.dist, 'is_initialized', lambda: False)
     monkeypatch.setattr(D.dist, 'init_process_group', lambda **kw: calls.update(init=kw))
     monkeypatch.setattr(D.dist, 'new_group', lambda **kw: calls.update(group=kw))
+    monkeypatch.setattr(D.dist, 'rendezvous', lambda url, timeout: iter([('store', 5, 8)]))
+    monkeypatch.setattr(D.dist, 'PrefixStore', lambda prefix, store: f'{prefix}/{store}')
     monkeypatch.setattr(D, '_GATHER_GROUP', None)
+    monkeypatch.setattr(D, '_JOB_STORE', None)
     for k, v in dict(RANK='5', LOCAL_RANK='1', WORLD_SIZE='8', LOCAL_WORLD_SIZE='2').items():
         monkeypatch.setenv(k, v)
     assert D.init_from_env() == torch.device('cuda', 1)
     assert calls['set_device'] == torch.device('cuda', 1)
     assert calls['init']['backend'] == 'nccl' and calls['init']['device_id'] == torch.device('cuda', 1)
+    assert calls['init']['store'] == 'attempt0/store' and (calls['init']['rank'], calls['init']['world_size']) == (5, 8)
     assert calls['group'] == {'backend': 'nccl'}
 
 
