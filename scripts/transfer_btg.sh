@@ -4,6 +4,9 @@
 # from scratch and from the pre-trained checkpoint (-p, Transformer frozen as in run02/run04.sh), in
 # both kmeans modes and over SEEDS; then one table (tools/compare.py --table): test metrics in both
 # conventions, mean ± spread over the seeds. Model selection: exact top-K NDCG@10 (the default).
+# Like scripts/pretrain_btg.sh, the regulariser's padded interest slots share one dropout draw
+# (--reg_pad_draws=shared): with lloyd interests the original's draw per slot makes an epoch 3x
+# slower here; with the original k-means (one or two interests per row) both are the same.
 # Usage: bash scripts/transfer_btg.sh [GPU_IDS] [--key=value ...]
 #   CKPT=saved/MISSRec-BTG_text-10.pth SEEDS="2020 2021 2022" MODES="original lloyd" (the defaults)
 #   SCI_DATA=../shared/datasets/downstream (where Scientific_mini is)
@@ -22,7 +25,7 @@ mkdir -p "$LOG_DIR"
 set -e
 run() {
     python finetune.py -d Scientific_mini --data_path="${SCI_DATA:-../shared/datasets/downstream}" \
-        --plm_suffix=feat1MiniLM --plm_size=384 --modal_type=text --log_dir="$LOG_DIR" "$@"
+        --plm_suffix=feat1MiniLM --plm_size=384 --modal_type=text --reg_pad_draws=shared --log_dir="$LOG_DIR" "$@"
 }
 for seed in $SEEDS; do
     for kmeans in $MODES; do
