@@ -151,8 +151,8 @@ def check_feature_file(path, dim, what, item_map, used_rows=None):
     """A raw float32 feature file of `dim` columns exists and has a fitting size; the item count
     of `item_map` (an `.item2index` file, when present) catches a file written with another
     width whose size happens to divide by `dim`. Without one, `used_rows` (1 + the highest row
-    the tokens use) catches a file that holds exactly `used_rows` rows of another width.
-    Raises a DataError that names the file."""
+    the tokens use) catches a file that holds exactly `used_rows` rows of another width that
+    an encoder would have (a multiple of 16 columns). Raises a DataError that names the file."""
     if not os.path.exists(path):
         raise DataError(f'{path}: {what} not found')
     size = os.path.getsize(path)
@@ -165,7 +165,7 @@ def check_feature_file(path, dim, what, item_map, used_rows=None):
             raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but {os.path.basename(item_map)} '
                             f'lists {expected} items; check plm_size/img_size (the file would have '
                             f'{size / (expected * 4):g} columns)')
-    elif used_rows and size > used_rows * dim * 4 and size % (used_rows * 4) == 0:
+    elif used_rows and size > used_rows * dim * 4 and size % (used_rows * 4 * 16) == 0:
         raise DataError(f'{path}: {size // (dim * 4)} rows of {dim} columns, but the item tokens use '
                         f'{used_rows} rows: it looks like {used_rows} rows of {size // (used_rows * 4)} '
                         f'columns; check plm_size/img_size (or add {os.path.basename(item_map)} to '
