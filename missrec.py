@@ -214,8 +214,7 @@ class MISSRec(SeqTransformer):
         keep = active & (slot[None, :] <= n_valid[:, None])
         if not bool(keep.equal(active)):
             memory = memory.index_select(0, (active.reshape(-1).long().cumsum(0) - 1)[keep.reshape(-1)])
-        width = qv + 1
-        return (memory, Packer(keep[:, :width]), key_mask[:, :width]), reg
+        return (memory, Packer(keep[:, :qv + 1]), key_mask[:, :qv + 1]), reg
 
     def _independent_pad_draws(self):
         """True when the PAD slots' dropout draws must each be computed (SPEC 3.2 step 4)."""

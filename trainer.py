@@ -450,12 +450,14 @@ class Pretrainer(_Loop):
         suffix = f"-{self.config['ckpt_suffix']}" if self.config['ckpt_suffix'] else ''
         return os.path.join(self.config['checkpoint_dir'], f"MISSRec-{self.config['dataset']}-{epoch + 1}{suffix}.pth")
 
+    def existing_checkpoints(self, first_epoch=0):
+        """The checkpoints this run's settings name from `first_epoch` on that exist, in epoch order."""
+        paths = (self.checkpoint_path(e) for e in range(first_epoch, self.epochs) if (e + 1) % self.save_step == 0)
+        return [p for p in paths if os.path.exists(p)]
+
     def newest_checkpoint(self):
         """The checkpoint of the latest epoch this run's settings name that exists, or ''."""
-        for epoch in reversed(range(self.epochs)):
-            if (epoch + 1) % self.save_step == 0 and os.path.exists(self.checkpoint_path(epoch)):
-                return self.checkpoint_path(epoch)
-        return ''
+        return (self.existing_checkpoints() or [''])[-1]
 
     def save(self, epoch):
         """`epoch` is the last finished epoch (0-based; the file name says epoch + 1)."""
@@ -472,11 +474,10 @@ class Pretrainer(_Loop):
         run's, e.g. the same corpus with other settings), unless `overwrite` or resuming."""
         if self.config['overwrite'] or resumed:
             return
-        for epoch in range(self.start_epoch, self.epochs):
-            path = self.checkpoint_path(epoch)
-            if (epoch + 1) % self.save_step == 0 and os.path.exists(path):
-                raise FileExistsError(f'{path}: exists (written by another run); set ckpt_suffix to name this '
-                                      f"run's checkpoints apart, or --overwrite=True to replace them")
+        existing = self.existing_checkpoints(self.start_epoch)
+        if existing:
+            raise FileExistsError(f'{existing[0]}: exists (written by another run); set ckpt_suffix to name this '
+                                  f"run's checkpoints apart, or --overwrite=True to replace them")
 
     def fit(self):
         """Interest discovery and one training epoch per epoch; returns the epoch losses."""

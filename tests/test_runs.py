@@ -46,11 +46,11 @@ def test_three_finetunings_started_together_keep_their_own_files(demo, tmp_path)
     assert len(glob.glob(f'{tmp_path}/saved/*.pth')) == 6
 
 
-def pretrain(data, tmp_path, *extra):
+def pretrain(data, tmp_path, *extra, **run):
     cmd = [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={data}',
            f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', '--pretrain_epochs=1', '--save_step=1',
            *TINY, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **run)
 
 
 def test_a_second_pretraining_does_not_replace_the_first_ones_checkpoints(demo_pretrain, tmp_path):
@@ -146,11 +146,8 @@ def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(demo_pretrain, tm
     assert first.returncode == 0, first.stderr[-2000:]
     good = tmp_path / 'saved' / 'MISSRec-DemoPT-1.pth'
     size = good.stat().st_size
-    cmd = [sys.executable, 'ddp_pretrain.py', '-d', 'DemoPT', f'--data_path={demo_pretrain}',
-           f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log', '--pretrain_epochs=2', '--save_step=1',
-           *TINY, '--resume', str(good)]
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-                         preexec_fn=_file_size_limit(size // 2))
+    out = pretrain(demo_pretrain, tmp_path, '--pretrain_epochs=2', '--resume', str(good),
+                   preexec_fn=_file_size_limit(size // 2))
     lines = [l for l in out.stderr.strip().splitlines() if not l.startswith('no CUDA')]
     assert out.returncode == 2 and lines == [
         f'error: {tmp_path}/saved/MISSRec-DemoPT-2.pth: could not be written (File too large); '
