@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster_utils import write_interest_tables
-from model_utils import Packer, SeqTransformer, dropout
+from model_utils import Packer, SeqTransformer, dropout, query_only_sums
 
 
 def unique_interests(ids):
@@ -177,9 +177,10 @@ class MISSRec(SeqTransformer):
         are masked as keys. The decoder gets each row's valid slots and one PAD slot.
         Without dropout every PAD slot of a row has the same output, so one is
         computed and the regulariser counts it Q - n times. In training, each PAD
-        slot has its own dropout draw (SPEC 3.2 step 4): all Q - n are computed,
-        as queries only, unless `reg_pad_draws: shared` (faster, not the original's
-        distribution).
+        slot has its own dropout draw (SPEC 3.2 step 4): the other Q - n - 1 are
+        computed as query-only tokens (`model_utils.query_only_sums`; with more than
+        one encoder layer, as extra slots of the rows), unless `reg_pad_draws: shared`
+        (faster, not the original's distribution).
         """
         if not self.modalities:
             return None, item_seq.new_zeros((), dtype=torch.float)
@@ -191,13 +192,22 @@ class MISSRec(SeqTransformer):
         if width_max is not None:   # a share of a global batch: the width of the whole batch
             q_orig = width_max(q_orig)
         n_pad = q_orig - n_valid                                         # PAD slots of the original
-        pads = n_pad.clamp(min=1) if self._independent_pad_draws() else torch.ones_like(n_valid)
+        draws = self._independent_pad_draws()
+        layers = self.trm_model.encoder.layers
+        widened = draws and len(layers) > 1                              # every PAD slot in the rows
+        pads = n_pad.clamp(min=1) if widened else torch.ones_like(n_valid)
         width = max(qv + 1, int((n_valid + pads).max()))
         ids = torch.cat([ids, ids.new_zeros(b, width - qv)], dim=1)
         key_mask = ids == 0                                              # [B, width]
         slot = torch.arange(width, device=ids.device)
         active = slot[None, :] < (n_valid + pads)[:, None]
-        memory = self._encode_in_buckets(ids, n_valid, active, key_mask, interest_table)  # [T, H]
+        # The encoder's inputs are rows of the interest table, so the first layer's
+        # in-projection is computed once per distinct interest of the batch and gathered (exact).
+        used, ids_in_used = torch.unique(ids, return_inverse=True)      # [U], [B, width]
+        used_rows = interest_table.index_select(0, used)                 # [U, H]
+        qkv = (F.linear(used_rows, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
+               if len(layers) else None)                                 # [U, 3H]
+        memory = self._encode_in_buckets(used_rows, qkv, ids_in_used, n_valid, active, key_mask)  # [T, H]
 
         # Regulariser (SPEC 3.2 step 4): pooled = n/Q * (sum of the n valid outputs + the
         # Q - n PAD outputs), from the packed outputs (a row's n valid tokens, then its PADs).
@@ -206,8 +216,13 @@ class MISSRec(SeqTransformer):
         row = torch.repeat_interleave(torch.arange(b, device=ids.device), per_row)   # [T]
         coef = w[row]
         is_pad = torch.arange(len(row), device=ids.device) - (per_row.cumsum(0) - per_row)[row] >= n_valid[row]
-        coef[is_pad] *= (n_pad.float() / pads.float())[row[is_pad]]      # shared draw: Q - n; none: 0
+        one_draw = draws and not widened                                 # the other draws: _other_pad_draws
+        stands_for = n_pad.clamp(max=1) if one_draw else n_pad          # PAD outputs the computed ones stand for
+        coef[is_pad] *= (stands_for.float() / pads.float())[row[is_pad]]
         pooled = memory.new_zeros(b, memory.shape[1]).index_add(0, row, memory * coef.unsqueeze(1))
+        if one_draw:
+            pooled = pooled + w[:, None] * self._other_pad_draws(used, used_rows, qkv, ids_in_used[:, :qv],
+                                                                 n_valid, n_pad - 1)
         reg = (pooled * pooled).sum() / pooled.shape[1]
 
         # the decoder's memory: valid slots and the first PAD slot of each row
@@ -224,22 +239,34 @@ class MISSRec(SeqTransformer):
         return layer is not None and max(layer.dropout1.p, layer.dropout2.p, layer.dropout.p,
                                          layer.self_attn.dropout) > 0
 
-    def _encode_in_buckets(self, ids, n_valid, active, key_mask, interest_table):
+    def _other_pad_draws(self, used, used_rows, qkv, ids_in_used, n_valid, counts):
+        """[B, H] per row, the sum of `counts` more PAD slot outputs of a one-layer encoder,
+        each with its own dropout draws; rows grouped by their number of keys, like the encoder."""
+        pad = int(torch.searchsorted(used, used.new_zeros(())))          # the PAD interest among `used`
+        out = used_rows.new_zeros(len(n_valid), used_rows.shape[1])
+        lower, upper = 0, 2
+        while lower < int(n_valid.max()):
+            rows = ((n_valid > lower) & (n_valid <= upper) & (counts > 0)).nonzero().squeeze(1)
+            if len(rows):
+                n = int(n_valid[rows].max())
+                key_mask = torch.arange(n, device=rows.device)[None, :] >= n_valid[rows, None]
+                sums = query_only_sums(self.trm_model.encoder.layers[0], self.trm_model.encoder.norm,
+                                       used_rows[pad], qkv, ids_in_used[rows, :n], key_mask, counts[rows],
+                                       self.training)
+                out = out.index_add(0, rows, sums)
+            lower, upper = upper, upper * 2
+        return out
+
+    def _encode_in_buckets(self, used_rows, qkv, ids_in_used, n_valid, active, key_mask):
         """Encoder outputs [T, H] of the active slots, packed like `Packer(active)`.
 
-        Rows are independent in the encoder, so rows with up to 2, 4, 8, ...
-        distinct interests are encoded together, each group padded to its own
+        Slot (b, j) holds interest `used_rows[ids_in_used[b, j]]`, whose first-layer in-projection
+        is `qkv[ids_in_used[b, j]]`. Rows are independent in the encoder, so rows with up to
+        2, 4, 8, ... distinct interests are encoded together, each group padded to its own
         longest row: the attention then costs at most 4x the unpadded one instead
         of growing with the longest row of the batch."""
         position = active.reshape(-1).long().cumsum(0) - 1               # packed index of each slot
         width = active.shape[1]
-        # The encoder's inputs are rows of the interest table, so the first layer's
-        # in-projection is computed once per distinct interest of the batch and gathered (exact).
-        layers = self.trm_model.encoder.layers
-        used, ids_in_used = torch.unique(ids, return_inverse=True)      # [U], [B, Qv+1]
-        used_rows = interest_table.index_select(0, used)                 # [U, H]
-        table_qkv = (F.linear(used_rows, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
-                     if len(layers) else None)                          # [U, 3H]
         outputs, targets = [], []
         lower, upper = 0, 2
         while True:
@@ -249,7 +276,6 @@ class MISSRec(SeqTransformer):
                 sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
                 sub = Packer(sub_active)
                 idx = sub.pack(ids_in_used[rows, :q])                    # [t] rows of `used`
-                qkv = None if table_qkv is None else table_qkv.index_select(0, idx)
                 # keys and values: a row's valid slots (its first n tokens); its PAD slots are
                 # masked keys, so they are queries only
                 n_rows = n_valid[rows]
@@ -257,7 +283,8 @@ class MISSRec(SeqTransformer):
                 kv_mask = torch.arange(int(n_rows.max()), device=rows.device)[None, :] >= n_rows[:, None]
                 key_index = ((counts.cumsum(0) - counts)[:, None]
                              + torch.arange(kv_mask.shape[1], device=rows.device)[None, :])[~kv_mask]
-                outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask, qkv,
+                outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask,
+                                                  None if qkv is None else qkv.index_select(0, idx),
                                                   keys=(key_index, Packer(~kv_mask), kv_mask)))
                 flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
                 targets.append(position[flat])

@@ -13,10 +13,12 @@ still uses the padded layout with key-padding masks, so the result equals the
 padded computation (tests/test_model.py checks this against `nn.Transformer`).
 """
 import functools
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class Packer:
@@ -177,6 +179,82 @@ def encoder_layer(layer, x, packer, key_padding_mask, training, qkv=None, keys=N
                         kv_index=index)
     x = layer.norm1(x + dropout(att, layer.dropout1.p, training))
     return layer.norm2(x + dropout(feed_forward(layer, x, training), layer.dropout2.p, training))
+
+
+def _bernoulli_keep(shape, p, like):
+    """bool mask, True with probability 1 - p. On the CPU, where 256 (1 - p) is a whole number
+    (p = 0.5, 0.25, ...), one random byte per element: a quarter of the cost of `dropout`'s
+    float64 stream, which is needed only where the draws must equal torch's."""
+    level = (1 - p) * 256
+    if like.device.type != 'cpu':
+        return torch.empty(shape, device=like.device).bernoulli_(1 - p).bool()
+    if level != int(level):
+        return torch.rand(shape) < 1 - p
+    n = math.prod(shape)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-2 ** 63, None)   # 64 random bits each
+    return (words.view(torch.uint8)[:n] < int(level)).view(shape)
+
+
+def _drop(x, p, training):
+    if not training or p == 0:
+        return x
+    return x * _bernoulli_keep(x.shape, p, x).to(x.dtype).div_(1 - p)
+
+
+def _query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training):
+    """Per row, the sum of `counts[r]` independent dropout draws of `norm(layer(x))` for a
+    token x [H] that attends to row r's keys but is not a key itself (see `query_only_sums`)."""
+    mha = layer.self_attn
+    h, nh = mha.embed_dim, mha.num_heads
+    d = h // nh
+    r, n = key_index.shape
+    k, v = qkv[:, h:].index_select(0, key_index.reshape(-1)).view(r, n, 2, nh, d).unbind(2)   # [R, n, nh, d]
+    q = F.linear(x, mha.in_proj_weight[:h], mha.in_proj_bias[:h]).view(nh, d)
+    scores = torch.einsum('hd,rnhd->rhn', q, k) * d ** -0.5
+    probs = scores.masked_fill(key_mask[:, None, :], float('-inf')).softmax(-1)             # [R, nh, n]
+    # the output projection folded into the values: row r's att = weights [nh * n] @ wv[r]
+    wv = torch.einsum('rnhd,ehd->rhne', v, mha.out_proj.weight.view(h, nh, d)).reshape(r, nh * n, h)
+    slots = int(counts.max())
+    weights = probs.reshape(r, 1, nh * n).expand(r, slots, nh * n)
+    att = torch.bmm(_drop(weights, mha.dropout, training), wv)                              # [R, slots, H]
+    packer = Packer(torch.arange(slots, device=counts.device)[None, :] < counts[:, None])
+    y = layer.norm1(x + _drop(packer.pack(att) + mha.out_proj.bias, layer.dropout1.p, training))
+    ffn = layer.linear2(_drop(layer.activation(layer.linear1(y)), layer.dropout.p, training))
+    y = norm(layer.norm2(y + _drop(ffn, layer.dropout2.p, training)))                       # [S, H]
+    return y.new_zeros(r, h).index_add_(0, packer.index // slots, y)
+
+
+def query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training, chunk=32768, recompute=True):
+    """Sums over many dropout draws of a one-layer encoder's output at a query-only token.
+
+    The padded interest slots of the original (SPEC 3.2 step 4) are such tokens: their input
+    x [H] is the PAD interest, they attend to their row's valid slots and are masked as keys,
+    and in training each has its own dropout draws. Their shared attention probabilities and
+    the output projection are computed once per row; each draw costs its masks, the norms
+    and the feed-forward layer. Groups of about `chunk` draws are recomputed in backward
+    (same random draws), so memory does not grow with the number of slots.
+
+    Args:
+        layer: nn.TransformerEncoderLayer (post-norm); norm: the encoder's final norm.
+        x: [H] the token; qkv: [U, 3H] in-projection of the key tokens.
+        key_index: long [R, n] rows of qkv that are row r's keys; key_mask: bool [R, n] True = no key.
+        counts: long [R] draws per row (at least 1).
+        recompute: False keeps the activations for backward instead.
+    Returns:
+        [R, H] per-row sums of the draws' outputs.
+    """
+    out, start = [], 0
+    totals = counts.cumsum(0)
+    while start < len(counts):
+        done = int(totals[start - 1]) if start else 0
+        stop = max(int(torch.searchsorted(totals, done + chunk, right=True)), start + 1)
+        args = (layer, norm, x, qkv, key_index[start:stop], key_mask[start:stop], counts[start:stop], training)
+        if recompute and torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(_query_only_sums, *args, use_reentrant=False))
+        else:
+            out.append(_query_only_sums(*args))
+        start = stop
+    return torch.cat(out)
 
 
 def decoder_layer(layer, x, packer, key_padding_mask, memory, query_rows=None, query_packer=None,

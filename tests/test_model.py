@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import tests.reference as ref
 from config import Config
 from missrec import MISSRec, unique_interests
+from model_utils import query_only_sums
 
 N = 40
 
@@ -275,3 +276,55 @@ def test_training_regulariser_is_distributed_as_the_padded_original(draws):
         se = (a.var() / len(a) + b.var() / len(b)).sqrt()
         matches += [abs(float(a.mean() - b.mean())) < 4 * se, 0.8 < float(a.std() / b.std()) < 1.25]
     assert all(matches) == (draws == 'independent'), matches
+
+
+def _query_only_case(seed=0, **overrides):
+    """A one-layer encoder, a PAD token, and 5 rows of 1-4 keys among 6 interest tokens."""
+    model = small_model(seed, **overrides)
+    layer, norm = model.trm_model.encoder.layers[0], model.trm_model.encoder.norm
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(6, 64, generator=g)
+    tokens[0] = 0                                                      # the PAD interest
+    n_keys = torch.tensor([1, 4, 2, 3, 1])
+    key_index = torch.randint(1, 6, (5, 4), generator=g)
+    key_mask = torch.arange(4)[None, :] >= n_keys[:, None]
+    return model, layer, norm, tokens, key_index, key_mask, n_keys
+
+
+def test_query_only_sums_equal_the_encoder_at_a_padded_slot():
+    """Without dropout each draw is the encoder's output at a PAD slot that is a masked key."""
+    model, layer, norm, tokens, key_index, key_mask, n_keys = _query_only_case(hidden_dropout_prob=0.0)
+    model.train()                                                      # nn.Transformer's padded path
+    counts = torch.tensor([3, 1, 2, 5, 1])
+    qkv = F.linear(tokens, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+    with torch.no_grad():
+        sums = query_only_sums(layer, norm, tokens[0], qkv, key_index, key_mask, counts, training=False, chunk=4)
+        # the padded encoder: each row's keys, then one PAD slot masked as a key
+        x = torch.cat([tokens[key_index], tokens[:1].expand(5, 1, 64)], dim=1)          # [5, 5, H]
+        mask = torch.cat([key_mask, torch.ones(5, 1, dtype=torch.bool)], dim=1)
+        out = model.trm_model.encoder(x, src_key_padding_mask=mask)[:, -1]               # [5, H]
+    assert torch.allclose(sums, counts[:, None] * out, atol=1e-5)
+
+
+def test_query_only_sums_recompute_the_same_draws_in_backward():
+    """Chunks recomputed in backward draw the same dropout masks: values and gradients
+    equal those of one pass that keeps its activations."""
+    model, layer, norm, tokens, key_index, key_mask, n_keys = _query_only_case(1)
+    counts = torch.tensor([3, 1, 2, 5, 1])
+    results = []
+    for recompute in (True, False):
+        torch.manual_seed(7)
+        model.zero_grad()
+        qkv = F.linear(tokens, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+        sums = query_only_sums(layer, norm, tokens[0], qkv, key_index, key_mask, counts, training=True, chunk=4,
+                               recompute=recompute)
+        (sums * torch.arange(64.)).sum().backward()
+        results.append([sums.detach(), layer.linear1.weight.grad.clone(), layer.self_attn.in_proj_weight.grad.clone(),
+                        layer.self_attn.out_proj.weight.grad.clone()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # and the draws are random: another seed gives other sums
+    torch.manual_seed(8)
+    with torch.no_grad():
+        other = query_only_sums(layer, norm, tokens[0], qkv, key_index, key_mask, counts, training=True, chunk=4)
+    assert not torch.allclose(other, results[0][0], atol=1e-3)
