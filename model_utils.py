@@ -224,7 +224,7 @@ def _query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training)
     return y.new_zeros(r, h).index_add_(0, packer.index // slots, y)
 
 
-def query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training, chunk=32768, recompute=True):
+def query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training, chunk=8192, recompute=True):
     """Sums over many dropout draws of a one-layer encoder's output at a query-only token.
 
     The padded interest slots of the original (SPEC 3.2 step 4) are such tokens: their input
