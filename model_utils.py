@@ -112,6 +112,22 @@ def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, t
     return F.linear(q_packer.pack(ctx), mha.out_proj.weight, mha.out_proj.bias)
 
 
+class _Halves(torch.autograd.Function):
+    """x [T, 2C] -> its halves [T, C], [T, C]; backward concatenates the two gradients
+    (slicing's backward would zero a [T, 2C] tensor for each half and add)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        c = x.shape[1] // 2
+        return x[:, :c], x[:, c:]
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        ga = torch.zeros_like(gb) if ga is None else ga
+        gb = torch.zeros_like(ga) if gb is None else gb
+        return torch.cat([ga, gb], dim=1)
+
+
 class _RowDot(torch.autograd.Function):
     """Per-head dot products of each packed key k[t] with its row's query q[row[t]]: [T, heads].
 
@@ -146,8 +162,7 @@ def _one_query_attention(mha, q_tokens, kv_tokens, kv_packer, key_padding_mask, 
     w, b = mha.in_proj_weight, mha.in_proj_bias
     batch, lk = kv_packer.shape
     q = F.linear(q_tokens, w[:h], b[:h])                               # [B, H]
-    kv = F.linear(kv_tokens, w[h:], b[h:])                             # [T, 2H]
-    k, v = kv[:, :h], kv[:, h:]
+    k, v = _Halves.apply(F.linear(kv_tokens, w[h:], b[h:]))           # [T, H] each
     row = kv_packer.index // lk                                        # [T] row of each key
     scores = _RowDot.apply(q, k, row, nh) * d ** -0.5                  # [T, nh]
     padded = scores.new_full((batch * lk, nh), float('-inf')).index_copy(0, kv_packer.index, scores)
