@@ -211,6 +211,7 @@ def _bernoulli_keep(shape, p, like):
 
 
 def _drop(x, p, training):
+    """Dropout with `_bernoulli_keep` masks (the padded slots' own draws)."""
     if not training or p == 0:
         return x
     return x * _bernoulli_keep(x.shape, p, x).to(x.dtype).div_(1 - p)

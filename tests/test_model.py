@@ -253,12 +253,13 @@ def _reg_draws(fn, n=300):
     return torch.tensor(values), torch.tensor(grads)
 
 
-@pytest.mark.parametrize('draws', ['independent', 'shared'])
-def test_training_regulariser_is_distributed_as_the_padded_original(draws):
+@pytest.mark.parametrize('draws,n_layers', [('independent', 2), ('independent', 4), ('shared', 2)])
+def test_training_regulariser_is_distributed_as_the_padded_original(draws, n_layers):
     """In training every PAD slot of the original's padded layout has its own dropout draw:
     mean and spread of reg and of its gradient over many draws match the literal padded
-    reference; one shared draw per row (`reg_pad_draws: shared`) does not."""
-    model = small_model(reg_pad_draws=draws).train()
+    reference, with one encoder layer (the dedicated pass) and with two (padded slots as
+    query tokens of the rows); one shared draw per row (`reg_pad_draws: shared`) does not."""
+    model = small_model(reg_pad_draws=draws, n_layers=n_layers).train()
     seq, lens = batch(lengths=(1, 3, 9, 2, 1, 9, 1, 2))
     model.set_interests(torch.arange(2 * (N - 1)) % model.num_interest, torch.randn(model.num_interest, 64))
     tables = model.adapted_tables()
