@@ -307,11 +307,15 @@ def test_query_only_sums_equal_the_encoder_at_a_padded_slot():
     assert torch.allclose(sums, counts[:, None] * out, atol=1e-5)
 
 
-def test_query_only_sums_recompute_the_same_draws_in_backward():
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))])
+def test_query_only_sums_recompute_the_same_draws_in_backward(device):
     """Chunks recomputed in backward draw the same dropout masks: values and gradients
     equal those of one pass that keeps its activations."""
     model, layer, norm, tokens, key_index, key_mask, n_keys = _query_only_case(1)
-    counts = torch.tensor([3, 1, 2, 5, 1])
+    model.to(device)
+    tokens, key_index, key_mask = tokens.to(device), key_index.to(device), key_mask.to(device)
+    counts = torch.tensor([3, 1, 2, 5, 1], device=device)
     results = []
     for recompute in (True, False):
         torch.manual_seed(7)
@@ -319,7 +323,7 @@ def test_query_only_sums_recompute_the_same_draws_in_backward():
         qkv = F.linear(tokens, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
         sums = query_only_sums(layer, norm, tokens[0], qkv, key_index, key_mask, counts, training=True, chunk=4,
                                recompute=recompute)
-        (sums * torch.arange(64.)).sum().backward()
+        (sums * torch.arange(64., device=device)).sum().backward()
         results.append([sums.detach(), layer.linear1.weight.grad.clone(), layer.self_attn.in_proj_weight.grad.clone(),
                         layer.self_attn.out_proj.weight.grad.clone()])
     for a, b in zip(*results):
