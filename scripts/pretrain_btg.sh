@@ -4,8 +4,9 @@
 # global batch 4096, interest_ratio 0.02, both losses, item and word drop), text only.
 # Checkpoints saved/MISSRec-BTG_text-{2,4,...}.pth; scripts/transfer_btg.sh fine-tunes from them.
 # The reference run (reference_log/BTG_text/) used one shared dropout draw for the PAD interest
-# slots of the regulariser (--reg_pad_draws=shared): the original's own draw per slot costs 3.5x per
-# batch on 2 CPU cores (README, "Regulariser"). Drop that flag to pre-train exactly as the original.
+# slots of the regulariser (--reg_pad_draws=shared): the original's own draw per slot, the default,
+# costs 2.2x per batch on 2 CPU cores (README, "Speed"). Pass --reg_pad_draws=independent to
+# pre-train exactly as the original.
 # Usage: bash scripts/pretrain_btg.sh [GPU_IDS] [--key=value ...]
 #   e.g. bash scripts/pretrain_btg.sh --pretrain_epochs=20
 #        bash scripts/pretrain_btg.sh --resume saved/MISSRec-BTG_text-4.pth     # continue a run

@@ -5,8 +5,9 @@
 # both kmeans modes and over SEEDS; then one table (tools/compare.py --table): test metrics in both
 # conventions, mean ± spread over the seeds. Model selection: exact top-K NDCG@10 (the default).
 # Like scripts/pretrain_btg.sh, the regulariser's padded interest slots share one dropout draw
-# (--reg_pad_draws=shared): with lloyd interests the original's draw per slot makes an epoch 3x
-# slower here; with the original k-means (one or two interests per row) both are the same.
+# (--reg_pad_draws=shared): with lloyd interests the original's draw per slot made an epoch 3x
+# slower here when these runs were made (2.7x now, README "Speed"); with the original k-means
+# (one or two interests per row) both are the same.
 # Usage: bash scripts/transfer_btg.sh [GPU_IDS] [--key=value ...]
 #   CKPT=saved/MISSRec-BTG_text-10.pth SEEDS="2020 2021 2022" MODES="original lloyd" (the defaults)
 #   SCI_DATA=../shared/datasets/downstream (where Scientific_mini is)
