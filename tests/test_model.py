@@ -289,12 +289,12 @@ def _query_only_case(seed=0, **overrides):
     n_keys = torch.tensor([1, 4, 2, 3, 1])
     key_index = torch.randint(1, 6, (5, 4), generator=g)
     key_mask = torch.arange(4)[None, :] >= n_keys[:, None]
-    return model, layer, norm, tokens, key_index, key_mask, n_keys
+    return model, layer, norm, tokens, key_index, key_mask
 
 
 def test_query_only_sums_equal_the_encoder_at_a_padded_slot():
     """Without dropout each draw is the encoder's output at a PAD slot that is a masked key."""
-    model, layer, norm, tokens, key_index, key_mask, n_keys = _query_only_case(hidden_dropout_prob=0.0)
+    model, layer, norm, tokens, key_index, key_mask = _query_only_case(hidden_dropout_prob=0.0)
     model.train()                                                      # nn.Transformer's padded path
     counts = torch.tensor([3, 1, 2, 5, 1])
     qkv = F.linear(tokens, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
@@ -312,7 +312,7 @@ def test_query_only_sums_equal_the_encoder_at_a_padded_slot():
 def test_query_only_sums_recompute_the_same_draws_in_backward(device):
     """Chunks recomputed in backward draw the same dropout masks: values and gradients
     equal those of one pass that keeps its activations."""
-    model, layer, norm, tokens, key_index, key_mask, n_keys = _query_only_case(1)
+    model, layer, norm, tokens, key_index, key_mask = _query_only_case(1)
     model.to(device)
     tokens, key_index, key_mask = tokens.to(device), key_index.to(device), key_mask.to(device)
     counts = torch.tensor([3, 1, 2, 5, 1], device=device)
