@@ -42,6 +42,19 @@ def unique_interests(ids):
     return out[:, :width], counts
 
 
+def interest_buckets(n_valid):
+    """Rows grouped by their number of distinct interests: 1-2, 3-4, 5-8, 9-16, ...
+
+    Rows are independent in the interest encoder, so each group can be padded to its own
+    longest row. Yields long [R] row indices of each non-empty group, smallest first."""
+    lower, upper, most = 0, 2, int(n_valid.max()) if len(n_valid) else 0
+    while lower < most:
+        rows = ((n_valid > lower) & (n_valid <= upper)).nonzero().squeeze(1)
+        if len(rows):
+            yield rows
+        lower, upper = upper, upper * 2
+
+
 class MISSRec(SeqTransformer):
     """MISSRec for stages pretrain, inductive_ft and transductive_ft.
 
@@ -244,9 +257,8 @@ class MISSRec(SeqTransformer):
         each with its own dropout draws; rows grouped by their number of keys, like the encoder."""
         pad = int(torch.searchsorted(used, used.new_zeros(())))          # the PAD interest among `used`
         out = used_rows.new_zeros(len(n_valid), used_rows.shape[1])
-        lower, upper = 0, 2
-        while lower < int(n_valid.max()):
-            rows = ((n_valid > lower) & (n_valid <= upper) & (counts > 0)).nonzero().squeeze(1)
+        for rows in interest_buckets(n_valid):
+            rows = rows[counts[rows] > 0]
             if len(rows):
                 n = int(n_valid[rows].max())
                 key_mask = torch.arange(n, device=rows.device)[None, :] >= n_valid[rows, None]
@@ -254,43 +266,35 @@ class MISSRec(SeqTransformer):
                                        used_rows[pad], qkv, ids_in_used[rows, :n], key_mask, counts[rows],
                                        self.training)
                 out = out.index_add(0, rows, sums)
-            lower, upper = upper, upper * 2
         return out
 
     def _encode_in_buckets(self, used_rows, qkv, ids_in_used, n_valid, active, key_mask):
         """Encoder outputs [T, H] of the active slots, packed like `Packer(active)`.
 
         Slot (b, j) holds interest `used_rows[ids_in_used[b, j]]`, whose first-layer in-projection
-        is `qkv[ids_in_used[b, j]]`. Rows are independent in the encoder, so rows with up to
-        2, 4, 8, ... distinct interests are encoded together, each group padded to its own
-        longest row: the attention then costs at most 4x the unpadded one instead
-        of growing with the longest row of the batch."""
+        is `qkv[ids_in_used[b, j]]`. The groups of `interest_buckets` are encoded one by one,
+        each padded to its own longest row: the attention then costs at most 4x the unpadded
+        one instead of growing with the longest row of the batch."""
         position = active.reshape(-1).long().cumsum(0) - 1               # packed index of each slot
         width = active.shape[1]
         outputs, targets = [], []
-        lower, upper = 0, 2
-        while True:
-            rows = ((n_valid > lower) & (n_valid <= upper)).nonzero().squeeze(1)
-            if len(rows):
-                q = int(active[rows].sum(1).max())
-                sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
-                sub = Packer(sub_active)
-                idx = sub.pack(ids_in_used[rows, :q])                    # [t] rows of `used`
-                # keys and values: a row's valid slots (its first n tokens); its PAD slots are
-                # masked keys, so they are queries only
-                n_rows = n_valid[rows]
-                counts = sub_active.sum(1)
-                kv_mask = torch.arange(int(n_rows.max()), device=rows.device)[None, :] >= n_rows[:, None]
-                key_index = ((counts.cumsum(0) - counts)[:, None]
-                             + torch.arange(kv_mask.shape[1], device=rows.device)[None, :])[~kv_mask]
-                outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask,
-                                                  None if qkv is None else qkv.index_select(0, idx),
-                                                  keys=(key_index, Packer(~kv_mask), kv_mask)))
-                flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
-                targets.append(position[flat])
-            if upper >= int(n_valid.max()):
-                break
-            lower, upper = upper, upper * 2
+        for rows in interest_buckets(n_valid):
+            q = int(active[rows].sum(1).max())
+            sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
+            sub = Packer(sub_active)
+            idx = sub.pack(ids_in_used[rows, :q])                        # [t] rows of `used`
+            # keys and values: a row's valid slots (its first n tokens); its PAD slots are
+            # masked keys, so they are queries only
+            n_rows = n_valid[rows]
+            counts = sub_active.sum(1)
+            kv_mask = torch.arange(int(n_rows.max()), device=rows.device)[None, :] >= n_rows[:, None]
+            key_index = ((counts.cumsum(0) - counts)[:, None]
+                         + torch.arange(kv_mask.shape[1], device=rows.device)[None, :])[~kv_mask]
+            outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask,
+                                              None if qkv is None else qkv.index_select(0, idx),
+                                              keys=(key_index, Packer(~kv_mask), kv_mask)))
+            flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
+            targets.append(position[flat])
         out = torch.cat(outputs)
         return out.new_empty(out.shape).index_copy(0, torch.cat(targets), out)
 
