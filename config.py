@@ -2,7 +2,7 @@
 
 Values merge in this order, later wins:
 
-    DEFAULTS  <  props/{model}.yaml (MISSRec.yaml; SASRec.yaml or Pop.yaml for the baselines)
+    DEFAULTS  <  props/{model}.yaml (MISSRec.yaml; SASRec.yaml, Pop.yaml or TextSim.yaml for the baselines)
               <  stage file (props/pretrain.yaml or props/finetune.yaml)  <  --key=value
 
 Every key has one snake_case name in YAML, in `config[key]` and on the command
@@ -54,6 +54,7 @@ DEFAULTS = {
     'tensorboard': False,     # also write TensorBoard event files (needs the optional `tensorboard` package)
     # model (SPEC 2); `model` picks MISSRec or a baseline (sasrec.py) and its props file
     'model': 'MISSRec',
+    'textsim_decay': 0.5,     # TextSim baseline: weight factor per step back in the history's mean (0: last item)
     'n_layers': 2,
     'n_heads': 4,
     'hidden_size': 300,
@@ -112,9 +113,16 @@ DEFAULTS = {
     'item_drop_quirk': True,          # SPEC 3.4 QUIRK, see data/pretrain.py item_drop()
     # multi-process pre-training: contrastive negatives of the whole global batch or of each rank
     'contrastive_negatives': 'global',
+    # pre-training regime (SPEC 4 QUIRK): True = one model, gradients synchronised over the processes
+    # (the paper); False = the original's effective regime: every process trains a model of its own on
+    # its rows r::W of each global batch, with its own in-batch negatives, and rank 0's model is saved
+    'sync_gradients': True,
+    # with sync_gradients False: W, the number of models that split each global batch (null: the number
+    # of processes); one process with W = 4 trains rank 0's model of the original's 4-GPU run
+    'models_per_batch': None,
 }
 
-MODELS = ('MISSRec', 'SASRec', 'Pop')
+MODELS = ('MISSRec', 'SASRec', 'Pop', 'TextSim')
 
 CHOICES = {
     'model': MODELS,
@@ -213,6 +221,14 @@ class Config:
             if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
                 raise ConfigError(f"{self.sources.get(key, 'defaults')}: {key} = {c[key]!r}; "
                                   'expected a positive integer')
+        if not isinstance(c['sync_gradients'], bool):
+            raise ConfigError(f"{self.sources.get('sync_gradients', 'defaults')}: sync_gradients = "
+                              f"{c['sync_gradients']!r}; expected True or False")
+        shares = c['models_per_batch']
+        if shares is not None and (not isinstance(shares, int) or isinstance(shares, bool) or shares < 1
+                                   or c['sync_gradients']):
+            raise ConfigError(f"{self.sources.get('models_per_batch', 'defaults')}: models_per_batch = {shares!r}; "
+                              'expected null, or a positive integer together with sync_gradients False')
         if c['hidden_size'] % c['n_heads']:
             raise ConfigError(f"hidden_size = {c['hidden_size']} is not divisible by n_heads = {c['n_heads']}")
         for key in ('learning_rate', 'temperature', 'gamma', 'lambda', 'weight_decay',

@@ -15,6 +15,8 @@ no interest discovery):
     valid_time_s          the log's `epoch N evaluating [time: ...]`
     valid_score           ... `valid_score` (valid_metric)
     valid_{metric}@{k}    the `valid result:` line (the convention of the log lines)
+    loss_seq_item, loss_lambda_seq_seq, loss_gamma_reg
+                          pre-training: the log's `epoch N loss terms [...]` (they sum to train_loss)
     elapsed_s             seconds since the run started, at the end of the epoch
 
 Rows are appended line by line and flushed at the end of each epoch, so a run killed at any moment
@@ -37,9 +39,19 @@ def csv_path(log_path):
     return os.path.splitext(log_path)[0] + '.csv'
 
 
+PRETRAIN_TERMS = ['seq_item', 'lambda*seq_seq', 'gamma*reg']   # MISSRec.calculate_loss(parts=True)
+
+
+def term_column(term):
+    return 'loss_' + term.replace('*', '_')
+
+
 def columns(config, validation=True):
-    metrics = [f'valid_{m.lower()}@{k}' for m in config['metrics'] for k in config['topk']] if validation else []
-    return BASE_COLUMNS + metrics + ['elapsed_s']
+    if validation:
+        extra = [f'valid_{m.lower()}@{k}' for m in config['metrics'] for k in config['topk']]
+    else:
+        extra = [term_column(t) for t in PRETRAIN_TERMS]
+    return BASE_COLUMNS + extra + ['elapsed_s']
 
 
 class EpochCurves:

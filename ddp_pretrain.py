@@ -14,9 +14,15 @@ processes trains on the rows r::W of every batch. Gradients are synchronised
 `contrastive_negatives: global` (default), the contrastive negatives are the
 whole global batch, gathered across processes, so W processes compute the same
 loss and gradients as one process with the same batch. `local` uses each
-process's rows only (the original's effective setting). Rank 0 alone clusters
-(the interest tables are broadcast), logs, shows progress and saves
-`saved/MISSRec-{dataset}-{epoch}[-{ckpt_suffix}].pth` every `save_step` epochs.
+process's rows only. Rank 0 alone clusters (the interest tables are broadcast),
+logs, shows progress and saves `saved/MISSRec-{dataset}-{epoch}[-{ckpt_suffix}].pth`
+every `save_step` epochs.
+
+The original's effective regime (it never synchronised gradients: each of its W
+GPUs trained a model of its own on 4096/W rows of every batch, with its own
+negatives, and saved rank 0's): `--sync_gradients=False`, with W processes or,
+on one process, `--models_per_batch=W` (rank 0's share and model).
+    python ddp_pretrain.py --sync_gradients=False --models_per_batch=4
 Any config key can be overridden with --key=value (props/MISSRec.yaml, props/pretrain.yaml).
 """
 import sys

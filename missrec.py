@@ -386,7 +386,7 @@ class MISSRec(SeqTransformer):
         # in place: no second [B, N] tensor (the fused logits are not saved for backward)
         return self.fused_logits(s, item_emb).div_(self.temperature), reg
 
-    def calculate_loss(self, batch, gather=None):
+    def calculate_loss(self, batch, gather=None, parts=False):
         """Training loss of a batch, both stages.
 
         Fine-tuning (SPEC 4): cross-entropy over all N items (PAD column included, as in the
@@ -401,19 +401,28 @@ class MISSRec(SeqTransformer):
                 rows) (`distributed.all_gather_with_grad`): the means run over the global batch,
                 pre-training draws its contrastive candidates from all of it, and the losses
                 of all processes sum to the loss of the global batch.
+            parts: also return the weighted terms, detached, that sum to the loss.
         Returns:
-            scalar loss.
+            scalar loss, or (loss, {term: scalar}) with `parts`: 'seq_item', 'lambda*seq_seq' and
+            'gamma*reg' in pre-training, 'ce' and 'gamma*reg' in fine-tuning.
         """
+        n = len(batch['item_id']) if gather is None else len(gather(batch['item_id'])[0])
         if self.train_stage == 'pretrain':
             batch = dict(batch, interest_ids=self.interest_ids(batch['item_seq']),
                          interest_ids_aug=self.interest_ids(batch['modal_seq_aug']))
             seq_item, seq_seq, reg = self.pretrain_losses(batch, self.interest_embeddings, gather)
-            rows = seq_item.sum() + self.lam * seq_seq.sum()
+            seq_item, seq_seq = seq_item.sum(), seq_seq.sum()
+            loss = (seq_item + self.lam * seq_seq) / n + self.gamma * reg
+            terms = {'seq_item': seq_item / n, 'lambda*seq_seq': self.lam * seq_seq / n}
         else:
             logits, reg = self._all_item_logits(batch, self._width_max(gather))
-            rows = F.cross_entropy(logits, batch['item_id'], reduction='sum')
-        n = len(batch['item_id']) if gather is None else len(gather(batch['item_id'])[0])
-        return rows / n + self.gamma * reg
+            ce = F.cross_entropy(logits, batch['item_id'], reduction='sum')
+            loss = ce / n + self.gamma * reg
+            terms = {'ce': ce / n}
+        if not parts:
+            return loss
+        terms['gamma*reg'] = self.gamma * reg
+        return loss, {k: v.detach() for k, v in terms.items()}
 
     @staticmethod
     def _width_max(gather):

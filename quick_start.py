@@ -1,7 +1,7 @@
 """What the entry scripts run (RecBole's quick_start): their command lines, one fine-tuning or
 pre-training run of one process, launching one process or several, and the final report.
 
-    finetune.py, ddp_finetune.py  ->  main('finetune', ...)   (-m MISSRec | SASRec | Pop)
+    finetune.py, ddp_finetune.py  ->  main('finetune', ...)   (-m MISSRec | SASRec | Pop | TextSim)
     ddp_pretrain.py               ->  main('pretrain', ...)
 
     from quick_start import build_config, finetune, parse_args
@@ -28,7 +28,7 @@ from data.dataset import DataError, SeqDataset
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
 from missrec import MISSRec
-from sasrec import Pop, SASRec
+from sasrec import Pop, SASRec, TextSim
 from trainer import Pretrainer, Trainer, claim_run_id, init_logger, init_seed, start_logging
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,13 @@ def parse_args(stage, argv=None, description=None):
         parser.add_argument('-mode', choices=['transductive', 'inductive'], default='transductive')
         parser.add_argument('-m', '--model', choices=MODELS, default='MISSRec',
                             help='MISSRec, or a baseline of sasrec.py: SASRec (props/SASRec.yaml in place of '
-                            'props/MISSRec.yaml) or Pop (most-popular: no training)')
+                            'props/MISSRec.yaml), Pop (most-popular) or TextSim (text similarity; both without '
+                            'training)')
         parser.add_argument('--eval_only', action='store_true', help='with -p CKPT (a fine-tuned checkpoint, '
                             "ours or the original code's) and the training run's data flags: print its valid and "
-                            'test metrics in both conventions; no training, no checkpoint written')
+                            'test metrics in both conventions; no training, no checkpoint written. With a '
+                            'pre-training checkpoint: zero-shot, its weights and interests discovered on the '
+                            'target items (-mode inductive: without the untrained ID embedding)')
     parser.add_argument('-props', type=str, default='', help='comma-separated props files '
                         f'(default: props/MISSRec.yaml,props/{stage}.yaml)')
     parser.add_argument('-note', type=str, default='', help='a word added to the log file name')
@@ -100,13 +103,20 @@ def build_finetune(config, device):
     """Dataset and model (with the pre-trained weights if any) of a fine-tuning run, and the
     lines to log about the loaded weights."""
     name = config['model']
-    if name != 'MISSRec' and (config['train_stage'] != 'transductive_ft' or config['pretrained_file']):
+    if name in ('SASRec', 'Pop') and (config['train_stage'] != 'transductive_ft' or config['pretrained_file']):
         raise ConfigError(f'{name}: an ID-based baseline; it takes neither -mode inductive nor -p')
+    if name == 'TextSim' and (config['pretrained_file'] or config['modal_type'] != 'text'):
+        raise ConfigError('TextSim: a training-free text baseline; it takes no -p, and modal_type text')
+    decay = config['textsim_decay']
+    if name == 'TextSim' and (not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0):
+        raise ConfigError(f'textsim_decay = {decay!r}; expected a number >= 0')
     dataset = SeqDataset(config)
     if name == 'SASRec':
         return dataset, SASRec(config, dataset.n_items).to(device), []
     if name == 'Pop':
         return dataset, Pop(dataset.splits['train']['item_id'], dataset.n_items).to(device), []
+    if name == 'TextSim':
+        return dataset, TextSim(dataset.plm_table, decay).to(device), []
     model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
     loaded = []
     if config['pretrained_file']:
@@ -147,7 +157,7 @@ def finetune(config, resume=''):
     valid = SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard)
     test = SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard)
     trainer = Trainer(config, model, device, run_id)
-    if config['model'] == 'Pop':   # nothing to learn: the counts are the model, evaluated as they are
+    if config['model'] in ('Pop', 'TextSim'):   # nothing to learn: evaluated as they are
         return dict(finish(trainer, dataset, config, test, log_path, valid), run_id=run_id)
     trainer.curves = open_curves(config, log_path)                    # log/{run}.csv, one row per epoch
     if D.restart_count() and not resume:   # torchrun --max-restarts: continue this job's run
@@ -163,7 +173,7 @@ def finetune(config, resume=''):
 
 def finish(trainer, dataset, config, test_batches, log_path, untrained_valid=None):
     """Reload the best checkpoint, evaluate on test, log the final lines (SPEC 5). With
-    `untrained_valid` (Pop) the model is evaluated as it is on those batches, and no checkpoint exists."""
+    `untrained_valid` (Pop, TextSim) the model is evaluated as it is on those batches, and no checkpoint exists."""
     if untrained_valid is None:
         trainer.load_best()
     else:
@@ -217,15 +227,23 @@ STRUCTURE_KEYS = ('model', 'train_stage', 'n_layers', 'n_heads', 'hidden_size', 
                   'seq_mm_fusion', 'item_mm_fusion', 'interest_ratio', 'MAX_ITEM_LIST_LENGTH')
 
 
-def checkpoint_config(config, stored, path):
+# what a pre-training checkpoint does not decide: the fine-tuning stage and the downstream interest ratio
+STAGE_KEYS = ('train_stage', 'interest_ratio')
+
+
+def checkpoint_config(config, stored, path, pretrained=False):
     """The run's config with the model structure of the checkpoint's stored config (ours, or the original
-    code's RecBole config), and the lines saying which values the checkpoint changed."""
+    code's RecBole config), and the lines saying which values the checkpoint changed. For a pre-training
+    checkpoint (`pretrained`) the run keeps its train_stage and interest_ratio and loads the checkpoint
+    as its pre-trained weights (`build_finetune`)."""
     values, lines = config.to_dict(), []
     for key in STRUCTURE_KEYS:
+        if pretrained and key in STAGE_KEYS:
+            continue
         if key in stored and stored[key] != values[key] and not (key == 'model' and stored[key] not in MODELS):
             lines.append(f'{key} = {stored[key]!r} (from the checkpoint; the command line says {values[key]!r})')
             values[key] = stored[key]
-    values['pretrained_file'] = ''
+    values['pretrained_file'] = path if pretrained else ''
     try:
         return Config(dataset=values.pop('dataset'), overrides=values), lines
     except ConfigError as e:
@@ -237,39 +255,51 @@ def evaluate_checkpoint(config, path):
     through the safe loader) strictly, buffers and interest tables included, and evaluate it on valid
     and test in both conventions. No training, no interest discovery, no checkpoint and no log file.
 
-    Returns {'model', 'checkpoint', 'valid', 'test', 'rank0'}; valid and test are (exact top-K,
-    original top-K+1) OrderedDicts."""
+    A pre-training checkpoint is evaluated zero-shot: the fine-tuning model of the run's stage with the
+    checkpoint's structure, its weights loaded as for fine-tuning with -p (`load_pretrained`), and
+    interests discovered once on the target items (epoch 0). Transductive: the ID embedding is untrained.
+
+    Returns {'model', 'checkpoint', 'valid', 'test', 'rank0', 'zero_shot'}; valid and test are
+    (exact top-K, original top-K+1) OrderedDicts."""
     start_logging(D.is_main_process())
     ckpt = load_checkpoint(path)
     state = state_dict_of(ckpt, path)
     stored = ckpt.get('config') or {}
-    if stored.get('train_stage') == 'pretrain':
-        raise CheckpointError(f'{path}: a pre-training checkpoint; --eval_only takes a fine-tuned one')
-    config, lines = checkpoint_config(config, stored, path)
-    if config['model'] == 'Pop':
-        raise ConfigError('Pop has no checkpoint: run finetune.py -m Pop')
+    zero_shot = stored.get('train_stage') == 'pretrain'
+    config, lines = checkpoint_config(config, stored, path, pretrained=zero_shot)
+    if config['model'] in ('Pop', 'TextSim'):
+        raise ConfigError(f'{config["model"]} has no checkpoint: run finetune.py -m {config["model"]}')
+    init_seed(config['seed'], config['reproducibility'])              # what is not loaded: as fine-tuning starts
     device = D.process_device(config['use_gpu'])
-    dataset, model, _ = build_finetune(config, device)
-    wrong = shape_mismatches(model, state)
-    if wrong:
-        raise CheckpointError(f'{path}: parameter shapes do not fit dataset {config["dataset"]} '
-                              f'({dataset.n_items} item rows): {"; ".join(wrong[:3])}; same data flags as training?')
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f'{path}: state dict does not match the {config["model"]} model of its config '
-                              f'(missing: {result.missing_keys[:5]}; unexpected: {result.unexpected_keys[:5]})')
-    logger.info(f'Evaluating {path} (epoch {ckpt.get("epoch", "unknown")}) on {config["dataset"]}')
-    for line in lines:
+    dataset, model, loaded = build_finetune(config, device)
+    if not zero_shot:
+        wrong = shape_mismatches(model, state)
+        if wrong:
+            raise CheckpointError(f'{path}: parameter shapes do not fit dataset {config["dataset"]} '
+                                  f'({dataset.n_items} item rows): {"; ".join(wrong[:3])}; same data flags as '
+                                  'training?')
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f'{path}: state dict does not match the {config["model"]} model of its config '
+                                  f'(missing: {result.missing_keys[:5]}; unexpected: {result.unexpected_keys[:5]})')
+    what = 'Zero-shot evaluation of the pre-training checkpoint' if zero_shot else 'Evaluating'
+    logger.info(f'{what} {path} (epoch {ckpt.get("epoch", "unknown")}) on {config["dataset"]}')
+    for line in lines + loaded:
         logger.info(line)
-    shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
     trainer = Trainer(config, model, device)
+    if zero_shot:
+        if config['train_stage'] == 'transductive_ft' and model.use_id:
+            logger.info('transductive: the ID embedding is untrained (random initialisation); '
+                        '-mode inductive is the meaningful zero-shot evaluation')
+        trainer.discover(0)                                            # interests of the target items
+    shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
     valid = trainer.evaluate(SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard), desc='Valid')
     test = trainer.evaluate(SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard), desc='Test')
     for split, res in (('valid', valid), ('test', test)):
         logger.info(f'{split} result: {M.ordered_repr(res[0])}')
         logger.info(f'{split} result (original top-K+1): {M.ordered_repr(res[1])}')
     return {'model': config['model'], 'checkpoint': path, 'valid': valid, 'test': test, 'log': None,
-            'rank0': D.is_main_process()}
+            'rank0': D.is_main_process(), 'zero_shot': zero_shot}
 
 
 def print_evaluation(out):
@@ -299,9 +329,14 @@ def pretrain(config, resume=''):
     logger.info(f'run id: {run_id}')
     logger.info('\n' + str(config) + '\n')
     logger.info(str(dataset))
-    logger.info(f'processes: {D.world_size()}, device: {device}, '
-                f'contrastive negatives: {config["contrastive_negatives"]}')
     trainer = Pretrainer(config, dataset, device)
+    if config['sync_gradients']:
+        regime = f'one model, gradients synchronised, contrastive negatives: {config["contrastive_negatives"]}'
+    else:
+        shares = trainer.batches.world_size
+        regime = (f'gradients not synchronised (the original\'s regime): a model per share of 1/{shares} '
+                  f'of each batch, its own in-batch negatives; rank 0\'s model is saved')
+    logger.info(f'processes: {D.world_size()}, device: {device}, {regime}')
     logger.info(str(trainer.model))
     logger.info(f'Interests: {trainer.model.num_interest}')
     trainer.curves = open_curves(config, log_path, validation=False)  # log/{run}.csv, one row per epoch
@@ -367,8 +402,8 @@ def main(stage, argv=None, nproc=1, description=None):
     run, report = (finetune, print_table) if stage == 'finetune' else (pretrain, None)
     if getattr(args, 'eval_only', False):
         if not args.p or args.resume:
-            print('error: --eval_only evaluates the fine-tuned checkpoint given with -p CKPT '
-                  '(and takes no --resume)', file=sys.stderr)
+            print('error: --eval_only evaluates the fine-tuned (or, zero-shot, pre-training) checkpoint given '
+                  'with -p CKPT (and takes no --resume)', file=sys.stderr)
             return 2
         return D.launch(process_main, nproc, evaluate_checkpoint, config, args.p, print_evaluation)
     return D.launch(process_main, nproc, run, config, args.resume, report)

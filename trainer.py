@@ -34,6 +34,8 @@ import distributed as D
 import metrics as M
 from checkpoints import load_checkpoint, resume_from, save_checkpoint, state_dict_of
 from cluster_utils import discover_interests
+from config import ConfigError
+from curves import term_column
 from data.loader import to_device
 from data.pretrain import PretrainBatches
 from missrec import MISSRec
@@ -153,14 +155,21 @@ def has_unused_parameters(model):
             or (not model.use_id and trainable(model.item_embedding)))
 
 
-class _LossForward(nn.Module):
-    """What DDP wraps: its forward is the model's `calculate_loss` (MISSRec has no forward)."""
+class DiscoveryFailed(RuntimeError):
+    """Interest discovery failed on rank 0; raised on the other ranks with its message."""
 
-    def __init__(self, model):
+
+class _LossForward(nn.Module):
+    """What DDP wraps: its forward is the model's `calculate_loss` (MISSRec has no forward);
+    with `parts` it returns (loss, {term: value}) (`MISSRec.calculate_loss`)."""
+
+    def __init__(self, model, parts=False):
         super().__init__()
-        self.model = model
+        self.model, self.parts = model, parts
 
     def forward(self, batch, gather):
+        if self.parts:
+            return self.model.calculate_loss(batch, gather, parts=True)
         return self.model.calculate_loss(batch, gather)
 
 
@@ -176,16 +185,22 @@ class _Loop:
         gather: `distributed.all_gather_with_grad` when every process trains on its share of
             one global batch (see `MISSRec.calculate_loss`); None when each process's batch
             stands alone (one process, or pre-training with `contrastive_negatives: local`).
+        synced: False when every process trains a model of its own (pre-training with
+            `sync_gradients: False`): no DDP, and each process discovers its own interests.
+        loss_parts: log each epoch's loss terms (`MISSRec.calculate_loss` with parts).
     """
 
-    def __init__(self, config, model, device, gather=None):
+    def __init__(self, config, model, device, gather=None, synced=True, loss_parts=False):
         self.config, self.model, self.device, self.gather = config, model, device, gather
+        self.synced = synced
         self.show_progress = config['show_progress'] and D.is_main_process()
         self.clip_grad_norm = config['clip_grad_norm']
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
-        self.loss = _LossForward(model)
-        if D.is_dist():   # wrap once: train through the wrapper, save `model` (interest discovery broadcasts
+        self.loss = _LossForward(model, parts=loss_parts)
+        self.loss_parts = loss_parts
+        self.epoch_parts = {}   # the epoch's sums of the loss terms (tensors: read once, at its end)
+        if D.is_dist() and synced:   # wrap once: train through the wrapper, save `model` (interest discovery broadcasts
             # the tables; the search for unused parameters costs a graph walk per step: only when needed)
             self.loss = DistributedDataParallel(self.loss, device_ids=[device] if device.type == 'cuda' else None,
                                                 broadcast_buffers=False,
@@ -213,11 +228,17 @@ class _Loop:
     @torch.no_grad()
     def discover(self, epoch):
         """Rank 0 clusters the adapted item rows of every modality and writes the model's
-        interest tables; every rank gets them (SPEC 3.1). Models without interests skip it."""
+        interest tables; every rank gets them (SPEC 3.1). Unsynced models (`synced` False)
+        each cluster their own. Models without interests skip it.
+
+        When a rank's discovery fails, every rank stops: NaN/inf rows with a FloatingPointError
+        everywhere, anything else (out of memory, a kernel error) raised again where it happened
+        and as `DiscoveryFailed` with its message on the other ranks (instead of their waiting
+        in the next collective until the timeout)."""
         if not getattr(self.model, 'modalities', None):
             return
-        failed = ''
-        if D.is_main_process():
+        failed, error = '', None
+        if D.is_main_process() or not self.synced:
             logger.info(f'Discovering multi-modal user interest before {epoch}-th epoch')
             start = time.perf_counter()
             was_training = self.model.training
@@ -231,6 +252,9 @@ class _Loop:
                     memory_budget_mb=self.config['cluster_memory_mb'])
             except FloatingPointError as e:   # NaN/inf item rows: sent to every rank, so that all stop
                 failed = f'interest discovery before epoch {epoch}: {e}; the last good checkpoint is {self.last_good()}'
+            except Exception as e:
+                failed, error = f'interest discovery before epoch {epoch} failed on rank {D.rank()}: ' \
+                                f'{type(e).__name__}: {e}', e
             else:
                 self.model.set_interests(labels, centroids)
                 logger.info(f'Finish multi-modal interest discovery before {epoch}-th epoch')
@@ -241,17 +265,25 @@ class _Loop:
                 self._record(discovery_time_s=took, interests_used=info['n_used'],
                              interests=self.model.num_interest, discovery_objective=float(info['objective']))
             self.model.train(was_training)
-        failed = D.broadcast_object(failed)
-        if failed:
-            raise FloatingPointError(failed)
-        for table in self.model.interest_tables():
-            D.broadcast_(table)
+        reports = [r for r in D.all_gather_object((failed, error is None)) if r[0]]
+        if reports:
+            if error is not None:
+                raise error
+            message, not_finite = reports[0]
+            raise (FloatingPointError if not_finite else DiscoveryFailed)(message)
+        if self.synced:
+            for table in self.model.interest_tables():
+                D.broadcast_(table)
 
     # ---------------------------------------------------------------- training
     def step(self, batch):
         """Forward, backward and optimiser step of one batch; returns the loss of the global batch."""
         # forward
         loss = self.loss(to_device(batch, self.device), self.gather)
+        if self.loss_parts:
+            loss, parts = loss
+            for k, v in parts.items():
+                self.epoch_parts[k] = self.epoch_parts.get(k, 0) + v
         value = D.all_reduce_sum(loss.detach())
         if self.gather is None:   # each process's own batch loss: report their mean
             value /= D.world_size()
@@ -271,6 +303,7 @@ class _Loop:
         """One pass over `batches` (shuffled for `epoch`); returns the sum of the batch losses."""
         self.model.train()
         batches.set_epoch(epoch)
+        self.epoch_parts = {}
         total = 0.0
         trim = HeapTrimmer()
         it = tqdm(batches, desc=f'Train {epoch:>5}', ncols=100) if self.show_progress else batches
@@ -291,6 +324,11 @@ class _Loop:
         took = time.time() - start
         logger.info(f'epoch {epoch} training [time: {took:.2f}s, train loss: {loss:.4f}]')
         self._record(epoch=epoch, train_loss=loss, train_time_s=took)
+        if self.epoch_parts:   # summed like the loss: over the batches, the processes' shares (or mean)
+            parts = {k: float(D.all_reduce_sum(torch.as_tensor(v, device=self.device)))
+                     / (D.world_size() if self.gather is None else 1) for k, v in self.epoch_parts.items()}
+            logger.info(f'epoch {epoch} loss terms [' + ', '.join(f'{k}: {v:.4f}' for k, v in parts.items()) + ']')
+            self._record(**{term_column(k): v for k, v in parts.items()})
         return loss
 
     def resume(self, path, expected, required=()):
@@ -417,6 +455,20 @@ class Trainer(_Loop):
 
 
 # ----------------------------------------------------------- pre-training
+def models_per_batch(config):
+    """How many processes' shares each global pre-training batch is cut into: the number of
+    processes, or with `sync_gradients: False` the `models_per_batch` the run emulates (one process
+    then trains the share of rank 0, whose model the original saved)."""
+    world = D.world_size()
+    wanted = config['models_per_batch']
+    if wanted is None or wanted == world:
+        return world
+    if world > 1:
+        raise ConfigError(f'models_per_batch = {wanted}: {world} processes run; leave it unset '
+                          'or start as many processes')
+    return wanted
+
+
 class Pretrainer(_Loop):
     """Pre-training loop of one process (SPEC 3.4, 4): builds the model (the same initial
     weights on every rank), then interest discovery and one epoch per epoch, and a checkpoint
@@ -432,12 +484,14 @@ class Pretrainer(_Loop):
         init_seed(config['seed'], config['reproducibility'])             # same initial weights on every rank
         model = MISSRec(config, dataset.n_items).to(device)
         init_seed(config['seed'] + D.rank(), config['reproducibility'])  # dropout differs per rank
-        shares = D.is_dist() and config['contrastive_negatives'] == 'global'
-        super().__init__(config, model, device, gather=D.all_gather_with_grad if shares else None)
+        synced = config['sync_gradients']
+        shares = synced and D.is_dist() and config['contrastive_negatives'] == 'global'
+        super().__init__(config, model, device, gather=D.all_gather_with_grad if shares else None,
+                         synced=synced, loss_parts=True)
         self.dataset = dataset
         self.epochs, self.save_step = config['pretrain_epochs'], config['save_step']
         self.batches = PretrainBatches(dataset, config['train_batch_size'], config, seed=config['seed'],
-                                       rank=D.rank(), world_size=D.world_size())
+                                       rank=D.rank(), world_size=models_per_batch(config))
         self.saved = []
 
     def interest_points(self):

@@ -96,7 +96,8 @@ def _worker(index, nproc, port, data, out_dir):
                'finetune_reg': finetune_eval_and_epoch(finetune_config(data, out_dir, gamma=1.0)),
                'pretrain_local': pretrain_steps(pretrain_config(data, contrastive_negatives='local',
                                                                 item_mm_fusion='dynamic_instance'), 2),
-               'finetune': finetune_eval_and_epoch(finetune_config(data, out_dir))}
+               'finetune': finetune_eval_and_epoch(finetune_config(data, out_dir)),
+               'pretrain_unsynced': pretrain_steps(pretrain_config(data, sync_gradients=False), 2)}
         torch.save(res, os.path.join(out_dir, f'rank{index}.pt'))
     finally:
         D.teardown()
@@ -140,6 +141,17 @@ def test_regulariser_of_shares_matches_one_process(two_ranks, data, tmp_path):
         assert multi[loss] == pytest.approx(single[key][loss], rel=1e-5), key
         for n, g in single[key]['grads'].items():
             torch.testing.assert_close(multi['grads'][n], g, rtol=1e-4, atol=1e-6, msg=f'{key} {n}')
+
+
+def test_unsynced_processes_train_models_of_their_own(two_ranks, data):
+    """sync_gradients False (the original's regime): each rank's model is trained on its own share
+    alone, so rank 0's model is the one a single process emulating 2 models per batch trains."""
+    torch.set_num_threads(1)
+    single = pretrain_steps(pretrain_config(data, sync_gradients=False, models_per_batch=2), 2)
+    rank0, rank1 = two_ranks[0]['pretrain_unsynced'], two_ranks[1]['pretrain_unsynced']
+    for n, p in single['params'].items():
+        assert torch.equal(rank0['params'][n], p), n
+    assert not torch.equal(rank0['params']['text_adaptor.weight'], rank1['params']['text_adaptor.weight'])
 
 
 def test_sharded_evaluation_equals_single_process_exactly(two_ranks, data, tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import quick_start
 import tests.reference as ref
-from config import Config, stage_files
+from config import Config, ConfigError, stage_files
 from data.dataset import DataError
 from data.pretrain import PretrainBatches, PretrainDataset, batch_seed, build_batch, draw_augmentation, item_drop
 from missrec import MISSRec
@@ -204,8 +204,40 @@ def test_resume_reproduces_uninterrupted_run(pre, tmp_path):
 def test_log_lines(pre, tmp_path):
     out = pretrain(pre, tmp_path, '--pretrain_epochs=1', '--train_batch_size=256')
     log = open(out['log']).read()
-    assert re.search(r'epoch 0 training \[time: [\d.]+s, train loss: [\d.]+\]', log)
+    loss = float(re.search(r'epoch 0 training \[time: [\d.]+s, train loss: ([\d.]+)\]', log).group(1))
     assert 'interests used' in log
+    # the loss terms of the epoch, which sum to its loss
+    terms = re.search(r'epoch 0 loss terms \[seq_item: ([\d.]+), lambda\*seq_seq: ([\d.]+), gamma\*reg: ([\d.]+)\]',
+                      log).groups()
+    assert sum(map(float, terms)) == pytest.approx(loss, abs=2e-4)
+    assert all(float(t) > 0 for t in terms)
+
+
+def test_original_regime_trains_rank0_share_and_resumes_exactly(pre, tmp_path):
+    """sync_gradients False with 4 models per batch: this process trains rank 0's model of the
+    original's 4-process run (rows 0::4 of each global batch, its own negatives); killed after 2 epochs
+    and resumed, it ends with the checkpoint of an uninterrupted run."""
+    common = ['--save_step=1', '--train_batch_size=128', '--sync_gradients=False', '--models_per_batch=4']
+    full = pretrain(pre, tmp_path / 'full', '--pretrain_epochs=3', *common)
+    part = pretrain(pre, tmp_path / 'part', '--pretrain_epochs=2', *common)
+    resumed = pretrain(pre, tmp_path / 'part', '--pretrain_epochs=3', *common, resume=part['checkpoints'][-1])
+    a = torch.load(full['checkpoints'][-1], weights_only=True)['state_dict']
+    b = torch.load(resumed['checkpoints'][-1], weights_only=True)['state_dict']
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    assert full['losses'][2] == resumed['losses'][0]
+    batches = full['trainer'].batches
+    assert (batches.rank, batches.world_size) == (0, 4)
+    first = next(iter(batches))
+    assert len(first['item_id']) == 32                                  # 128 rows / 4 models
+    assert "gradients not synchronised (the original's regime)" in open(full['log']).read()
+    synced = pretrain(pre, tmp_path / 'synced', '--pretrain_epochs=1', '--save_step=1', '--train_batch_size=128')
+    assert synced['losses'][0] != full['losses'][0]
+
+
+def test_models_per_batch_needs_unsynced_gradients(pre, tmp_path):
+    with pytest.raises(ConfigError, match='models_per_batch = 4'):
+        config(pre, models_per_batch=4)
 
 
 def test_batches_are_the_global_batch_sharded(pre):
