@@ -1,4 +1,4 @@
-"""Baselines in MISSRec's harness: SASRec and most-popular.
+"""Baselines in MISSRec's harness: SASRec, most-popular and text similarity.
 
 SASRec: Self-Attentive Sequential Recommendation (Kang and McAuley, ICDM 2018,
 arXiv 1808.09781), as RecBole implements it (`recbole/model/sequential_recommender/
@@ -11,8 +11,13 @@ column included). Its hyper-parameters are in props/SASRec.yaml.
 Pop: every item scored by its count as a training target (RecBole's Pop counts
 the item field of the training interactions), the same for every user.
 
-Both have MISSRec's API: `calculate_loss(batch, gather=None)` and
-`full_sort_predict(batch) -> [B, N]`; neither has interests to discover.
+TextSim: every item scored by the cosine similarity of its text feature to a
+recency-weighted mean of the history's text features (weight decay**j for the
+item j steps before the last one; decay 0: the last item alone); the history's
+own items are scored below every other item. No training.
+
+All have MISSRec's API: `calculate_loss(batch, gather=None)` and
+`full_sort_predict(batch) -> [B, N]`; none has interests to discover.
 """
 import math
 
@@ -146,3 +151,30 @@ class Pop(nn.Module):
 
     def full_sort_predict(self, batch):
         return self.counts.repeat(len(batch['item_id']), 1)   # a copy: evaluation writes the PAD column
+
+
+class TextSim(nn.Module):
+    """Text similarity: scores = cosine(text feature of each item, decay-weighted mean of the
+    history's text features); items of the history score -inf (they would be the nearest).
+
+    Args:
+        plm_table: float [N, plm_size] text features (row 0 PAD; zero rows: no text, score 0).
+        decay: weight factor per step back from the last item, >= 0.
+    """
+
+    def __init__(self, plm_table, decay):
+        super().__init__()
+        self.register_buffer('plm_embedding', torch.as_tensor(plm_table, dtype=torch.float))
+        self.decay = float(decay)
+        self.dummy = nn.Parameter(torch.zeros(1))    # as Pop's: the trainer needs a parameter
+
+    def calculate_loss(self, batch, gather=None):
+        return self.dummy.sum() * 0.0                 # nothing to learn
+
+    def full_sort_predict(self, batch):
+        seq, lens = batch['item_seq'], batch['item_seq_len']
+        back = lens[:, None] - 1 - torch.arange(seq.shape[1], device=seq.device)       # [B, L] steps back
+        weight = torch.where(back >= 0, self.decay ** back.clamp(min=0).float(), 0.0)  # 0 ** 0 = 1
+        query = (weight[..., None] * self.plm_embedding[seq]).sum(1)                    # [B, D]
+        scores = F.normalize(query, dim=-1) @ F.normalize(self.plm_embedding, dim=-1).t()
+        return scores.scatter_(1, seq, -float('inf'))

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Baselines on one dataset, in the same harness (data, full-sort evaluator, early stopping, log lines):
-# Pop (most-popular), SASRec (RecBole's defaults, props/SASRec.yaml, with props/finetune.yaml's training
-# settings) and MISSRec from scratch with the settings of run01.sh (transductive) and run03.sh (inductive);
+# Pop (most-popular), TextSim (text similarity to the history, props/TextSim.yaml), SASRec (RecBole's
+# defaults, props/SASRec.yaml, with props/finetune.yaml's training settings) and MISSRec from scratch with
+# the settings of run01.sh (transductive) and run03.sh (inductive);
 # then one comparison table (tools/compare.py --table): test metrics in both conventions, mean ± spread
 # over the seeds, epochs and seconds per epoch.
 # Usage: bash scripts/baselines.sh DATASET [GPU_IDS] [--key=value ...]
@@ -22,6 +23,7 @@ mkdir -p "$LOG_DIR"
 set -e
 run() { python finetune.py -d "$DATASET" "$@" --log_dir="$LOG_DIR"; }
 run -m Pop "$@"                                           # deterministic: once
+run -m TextSim "$@"                                       # deterministic: once
 for seed in $SEEDS; do
     run -m SASRec "$@" --seed="$seed"
     run -m MISSRec -mode transductive -note run01 --script=run01.sh "$@" --seed="$seed"

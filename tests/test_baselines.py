@@ -1,10 +1,16 @@
-"""Baselines in MISSRec's harness (quick_start -m SASRec | Pop): same data, evaluator, early stopping, log lines."""
+"""Baselines in MISSRec's harness (quick_start -m SASRec | Pop | TextSim): same data, evaluator, early stopping,
+log lines."""
+import math
 import os
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from quick_start import build_config, finetune, parse_args
+from sasrec import TextSim
+from tools.make_demo_data import _inter_bytes, split_rows
 
 
 def run(demo, tmp_path, model, *extra):
@@ -53,6 +59,8 @@ def test_baselines_refuse_inductive_and_pretrained(demo, tmp_path):
     from config import ConfigError
     with pytest.raises(ConfigError, match='ID-based baseline'):
         run(demo, tmp_path, 'SASRec', '-mode', 'inductive')
+    with pytest.raises(ConfigError, match='TextSim: a training-free text baseline; it takes no -p'):
+        run(demo, tmp_path, 'TextSim', '-p', 'pretrained.pth', '--plm_size=32')
 
 
 @pytest.mark.parametrize('model', ['SASRec', 'Pop'])
@@ -72,3 +80,46 @@ def test_two_cpu_processes(demo, tmp_path, model):
     test = re.search(r'test result: (OrderedDict.*)', proc.stdout).group(1)
     if model == 'Pop':
         assert test == re.search(r'most-popular baseline, test: (OrderedDict.*)', proc.stdout).group(1)
+
+
+# ------------------------------------------------------------------ TextSim
+def test_textsim_scores_by_hand():
+    """Items 1 (1, 0), 2 (0, 1), 3 (3, 4). History [1, 2], decay 0.5: query 0.5 * (1, 0) + (0, 1); the
+    history's items score -inf. History [3]: the cosine to item 3 alone."""
+    table = torch.tensor([[0., 0.], [1., 0.], [0., 1.], [3., 4.]])
+    batch = {'item_seq': torch.tensor([[1, 2], [3, 0]]), 'item_seq_len': torch.tensor([2, 1]),
+             'item_id': torch.tensor([3, 2])}
+    scores = TextSim(table, 0.5).full_sort_predict(batch)
+    inf = -float('inf')
+    assert scores[0, 1:].tolist() == pytest.approx([inf, inf, (0.5 * 3 + 4) / (math.sqrt(1.25) * 5)])
+    assert scores[1, 1:].tolist() == pytest.approx([3 / 5, 4 / 5, inf])
+    assert TextSim(table, 0).full_sort_predict(batch)[0, 3] == pytest.approx(4 / 5)      # the last item alone
+
+
+def test_textsim_props_and_log(demo, tmp_path, pop):
+    config, out, log = run(demo, tmp_path, 'TextSim', '--plm_size=32')
+    assert (config['modal_type'], config['plm_suffix'], config['textsim_decay']) == ('text', 'feat1CLS', 0.5)
+    assert os.path.basename(out['log']).startswith('TextSim-Demo-')
+    assert out['checkpoint'] is None and 'epoch 0 training' not in log and 'Discovering' not in log
+    for line in ('best valid : OrderedDict', 'test result: OrderedDict', 'best valid (original top-K+1) : OrderedDict',
+                 'test result (original top-K+1): OrderedDict', 'test result (exact top-K): OrderedDict'):
+        assert line in log
+    # Demo's users mostly stay in the interest of their last item, whose items have close texts
+    assert out['test'][0]['ndcg@10'] > pop[1]['test'][0]['ndcg@10']
+
+
+def test_textsim_ranks_the_text_nearest_item_first(tmp_path):
+    """20 items on an arc of 2-d text features with shrinking gaps; every user walks up the arc: the
+    next item is the nearest one outside the history, so TextSim with decay 0 ranks every target first."""
+    folder = tmp_path / 'Chain'
+    folder.mkdir()
+    angles = np.cumsum([0.0] + [0.1 * 0.97 ** i for i in range(19)])
+    np.stack([np.cos(angles), np.sin(angles)], 1).astype('<f4').tofile(folder / 'Chain.feat1CLS')
+    seqs = [list(range(s, s + 6 + s % 3)) for s in range(12)]
+    for split, rows in zip(('train', 'valid', 'test'), split_rows([str(u) for u in range(12)], seqs)):
+        (folder / f'Chain.{split}.inter').write_bytes(_inter_bytes(rows))
+    args = ['-d', 'Chain', '-m', 'TextSim', f'--data_path={tmp_path}', f'--log_dir={tmp_path}/log',
+            '--show_progress=False', '--use_gpu=False', '--plm_size=2', '--textsim_decay=0', '--topk=[1,10]']
+    out = finetune(build_config('finetune', *parse_args('finetune', args)))
+    for res in (out['best_valid'][0], out['test'][0]):
+        assert res['hit@1'] == 1.0 and res['ndcg@1'] == 1.0

@@ -1,4 +1,4 @@
-"""scripts/baselines.sh: Pop, SASRec and MISSRec (run01 and run03 settings) on one dataset, then one table."""
+"""scripts/baselines.sh: Pop, TextSim, SASRec and MISSRec (run01 and run03 settings) on one dataset, then one table."""
 import os
 import subprocess
 
@@ -15,12 +15,13 @@ def test_baselines_script_on_demo(demo, tmp_path):
     table = open(tmp_path / 'log' / 'table.md').read().strip()
     assert out.stdout.rstrip().endswith(table + f"\ntable: {tmp_path / 'log' / 'table.md'}")
     rows = [l for l in table.splitlines() if l.startswith('| ') and not l.startswith('| model')]
-    assert len(rows) == 8                                     # 4 runs x 2 conventions
+    assert len(rows) == 10                                    # 5 runs x 2 conventions
     names = sorted({(r.split(' | ')[0][2:], r.split(' | ')[2], r.split(' | ')[4]) for r in rows})
     assert names == [('MISSRec', 'inductive_ft', 'run03'), ('MISSRec', 'transductive_ft', 'run01'),
-                     ('Pop', 'transductive_ft', ''), ('SASRec', 'transductive_ft', '')]
+                     ('Pop', 'transductive_ft', ''), ('SASRec', 'transductive_ft', ''),
+                     ('TextSim', 'transductive_ft', '')]
     assert sorted(f.split('-')[0] for f in os.listdir(tmp_path / 'log') if f.endswith('.log')) == \
-        ['MISSRec', 'MISSRec', 'Pop', 'SASRec']
+        ['MISSRec', 'MISSRec', 'Pop', 'SASRec', 'TextSim']
 
 
 def test_baselines_script_needs_a_dataset():
