@@ -4,7 +4,8 @@
 //   N x K distance matrix never exists in memory. Register-tiled SGEMM layout: a block
 //   of 16 x 16 threads owns TM = 64 rows and sweeps all centroids in tiles of TN = 64,
 //   each thread accumulating a 4 x 4 micro-tile of dot products over D in steps of TK.
-//   dist = ||x||^2 + (||c||^2 - 2 x.c); ties keep the lowest centroid index.
+//   dist = ||x||^2 + (||c||^2 - 2 x.c); ties keep the lowest centroid index; a row with no
+//   finite distance (all inf or NaN) gets index 0.
 // cluster_accumulate: per-cluster sums (optionally of |x|) and counts with atomicAdd.
 //
 // Launch (see cluster_utils._cupy_nearest / _cupy_sums):
@@ -39,7 +40,9 @@ extern "C" __global__ void nearest_centroid(
     float best_v[4];
     int best_i[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) { best_v[i] = __int_as_float(0x7f800000); best_i[i] = 0x7fffffff; }
+    // index 0, not INT_MAX: a row whose distances are all inf or NaN (no '<' ever holds) still
+    // gets a valid centroid index, which the callers use to index sums and counts
+    for (int i = 0; i < 4; ++i) { best_v[i] = __int_as_float(0x7f800000); best_i[i] = 0; }
 
     for (int col0 = 0; col0 < k; col0 += TN) {
         float acc[4][4];

@@ -24,11 +24,16 @@ logger = logging.getLogger(__name__)
 
 try:  # optional GPU kernels; the torch path below is always available
     import cupy as _cp
-except Exception:  # ImportError, or CUDA driver problems at import time
+    _CUPY_ERROR = None
+except Exception as _err:  # ImportError, or CUDA driver problems at import time
     _cp = None
+    _CUPY_ERROR = f'cupy does not import ({type(_err).__name__}: {_err})'
 
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cluster_kernels.cu')
 _KERNELS = {}  # device index -> (nearest fn, accumulate fn) or None when compilation failed
+_KERNEL_ERRORS = {}  # device index -> why the kernels failed to compile there
+_KERNEL_OPTIONS = ()  # NVRTC options of the RawModule (its default C++ dialect suffices)
+_FALLBACK_WARNED = False  # the torch fall-back on a CUDA tensor is logged once per process
 _NEAREST_ROWS = 64  # rows per CUDA block of `nearest_centroid`; must match TM in the .cu file
 # Block shape of the torch path. Blocks are computed transposed, [cols, rows] = C X^T: with D = 300
 # that GEMM runs near the machine's large-GEMM rate while X C^T does not (measured on the 2-core
@@ -65,8 +70,30 @@ def _check_mode(mode):
 # ----------------------------------------------------------------------------- CuPy path
 
 def _use_cupy(t):
-    """True when the CuPy kernels can run on tensor `t` (CUDA tensor, cupy imported, kernels built)."""
-    return _cp is not None and t.is_cuda and _cupy_kernels(t.device) is not None
+    """True when the CuPy kernels can run on tensor `t` (CUDA tensor, cupy imported, kernels built).
+    A CUDA tensor that takes the torch path logs why, once per process."""
+    if not t.is_cuda:
+        return False
+    reason = cupy_unavailable(t.device)
+    if reason is None:
+        return True
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        logger.warning(f'CuPy kernels not used on CUDA tensors: {reason}; interest discovery takes the '
+                       'slower torch path')
+    return False
+
+
+def cupy_unavailable(device):
+    """Why the CuPy kernels cannot run on CUDA `device` (cupy missing, or the kernels failed to
+    compile there), or None when they can."""
+    if _cp is None:
+        return _CUPY_ERROR or 'cupy is disabled (cluster_utils._cp is None)'
+    if _cupy_kernels(device) is None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _KERNEL_ERRORS.get(index, 'the kernels failed to compile')
+    return None
 
 
 def _cupy_kernels(device):
@@ -77,11 +104,12 @@ def _cupy_kernels(device):
             with open(_KERNEL_FILE) as f:
                 source = f.read()
             with _cp.cuda.Device(index):
-                module = _cp.RawModule(code=source, options=('--std=c++14',))
+                module = _cp.RawModule(code=source, options=_KERNEL_OPTIONS)
                 _KERNELS[index] = (module.get_function('nearest_centroid'),
                                    module.get_function('cluster_accumulate'))
-        except Exception as err:  # keep training alive on the torch path
-            logger.warning(f'CuPy kernels unavailable ({err}); using the torch path')
+        except Exception as err:  # keep training alive on the torch path (_use_cupy logs why)
+            _KERNEL_ERRORS[index] = (f'cluster_kernels.cu failed to compile on cuda:{index} '
+                                     f'({type(err).__name__}: {str(err)[:1000]})')
             _KERNELS[index] = None
     return _KERNELS[index]
 

@@ -254,6 +254,64 @@ def test_cluster_sums_normalises_its_input():
         assert sums.dtype == torch.float32 and torch.allclose(sums, ref[0]) and torch.equal(counts, ref[1])
 
 
+# ----------------------------------------------------------------------------- CuPy fall-back (CPU)
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor: `_use_cupy` only reads `is_cuda` and `device`."""
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+
+def _fresh_fallback_state(monkeypatch):
+    monkeypatch.setattr(cu, "_KERNELS", {})
+    monkeypatch.setattr(cu, "_KERNEL_ERRORS", {})
+    monkeypatch.setattr(cu, "_FALLBACK_WARNED", False)
+
+
+def test_missing_cupy_on_a_cuda_tensor_warns_once_with_the_reason(monkeypatch, caplog):
+    _fresh_fallback_state(monkeypatch)
+    monkeypatch.setattr(cu, "_cp", None)
+    monkeypatch.setattr(cu, "_CUPY_ERROR", "cupy does not import (ModuleNotFoundError: No module named 'cupy')")
+    with caplog.at_level("WARNING", logger="cluster_utils"):
+        assert not cu._use_cupy(_FakeCuda()) and not cu._use_cupy(_FakeCuda())
+        assert not cu._use_cupy(torch.zeros(2, 2))                       # a CPU tensor: no warning
+    warnings = [r for r in caplog.records if r.name == "cluster_utils"]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert "No module named 'cupy'" in warnings[0].getMessage() and "torch path" in warnings[0].getMessage()
+    assert cu.cupy_unavailable(_FakeCuda.device).startswith("cupy does not import")
+
+
+def test_kernels_that_fail_to_compile_warn_once_and_the_torch_path_runs(monkeypatch, caplog):
+    """A CuPy whose NVRTC fails: the reason is logged once, and the options carry no -std flag."""
+    _fresh_fallback_state(monkeypatch)
+    seen = []
+
+    class FakeCupy:
+        class cuda:
+            class Device:
+                def __init__(self, index):
+                    pass
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return False
+
+        @staticmethod
+        def RawModule(code, options=()):
+            seen.append(options)
+            raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture")
+    monkeypatch.setattr(cu, "_cp", FakeCupy)
+    with caplog.at_level("WARNING", logger="cluster_utils"):
+        assert not cu._use_cupy(_FakeCuda()) and not cu._use_cupy(_FakeCuda())
+    assert seen == [()]                                  # compiled once per device, NVRTC's default dialect
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cluster_utils"]
+    assert len(warnings) == 1
+    assert "cluster_kernels.cu failed to compile on cuda:0 (RuntimeError: nvrtc: error" in warnings[0]
+    assert "failed to compile" in cu.cupy_unavailable(_FakeCuda.device)
+
+
 # ----------------------------------------------------------------------------- CUDA / CuPy
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -269,29 +327,57 @@ def test_kernels_compile_to_ptx(tmp_path):
 needs_cupy = pytest.mark.skipif(not torch.cuda.is_available() or cu._cp is None, reason="needs CUDA and cupy")
 
 
+def _planted(n, d, centres, seed, device):
+    """n points around `centres` random centres (noise 0.3: no near ties between centres)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, d, generator=g)
+    return (means[torch.randint(0, centres, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)).to(device)
+
+
 @needs_cupy
 @pytest.mark.parametrize("mode", ["original", "lloyd"])
 def test_cupy_matches_torch(mode, monkeypatch):
-    x = _data(3000, 40, seed=12, device="cuda")
-    assert cu._use_cupy(x), "CuPy kernels failed to build"
-    lab_k, cent_k, _ = discover_interests(x, 700, kmeans_mode=mode)
+    """Both paths sum clusters in another order (atomics against index_add), so after up to 50 Lloyd
+    iterations a rare label may flip: 99.9% of the labels and the objective (rel. 1e-4) must agree."""
+    x = _planted(3000, 40, 350, seed=12, device="cuda")
+    assert cu._use_cupy(x), cu.cupy_unavailable(x.device)
+    lab_k, _, info_k = discover_interests(x, 700, kmeans_mode=mode)
     monkeypatch.setattr(cu, "_cp", None)  # force the torch path on the same GPU
-    lab_t, cent_t, _ = discover_interests(x, 700, kmeans_mode=mode)
-    assert torch.equal(lab_k, lab_t)
-    assert torch.allclose(cent_k, cent_t, atol=1e-5, rtol=1e-5)
+    lab_t, _, info_t = discover_interests(x, 700, kmeans_mode=mode)
+    agree = float((lab_k == lab_t).float().mean())
+    assert agree >= 0.999, f"labels agree on {agree:.4%}"
+    assert info_k["objective"] == pytest.approx(info_t["objective"], rel=1e-4)
 
 
 @needs_cupy
 def test_cupy_nearest_and_sums_match_torch(monkeypatch):
+    """The fused kernel and torch's GEMM round differently: a row may differ only at a near tie."""
     x, c = _data(5000, 300, seed=13, device="cuda"), _data(1000, 300, seed=14, device="cuda")
     d_k, i_k = pairwise_nearest(x, c)
     s_k, n_k = cu.cluster_sums(x, i_k, 1000, use_abs=True)
     monkeypatch.setattr(cu, "_cp", None)
     d_t, i_t = pairwise_nearest(x, c)
-    s_t, n_t = cu.cluster_sums(x, i_t, 1000, use_abs=True)
-    assert torch.equal(i_k, i_t)
+    s_t, n_t = cu.cluster_sums(x, i_k, 1000, use_abs=True)      # the same labels: the sums alone compared
+    diff = (i_k != i_t).nonzero().flatten()
+    assert len(diff) <= 5, f"{len(diff)} of 5000 rows differ"
+    exact = ((x[diff, None].double() - c[torch.stack([i_k[diff], i_t[diff]], 1)].double()) ** 2).sum(-1)
+    assert torch.allclose(exact[:, 0], exact[:, 1], rtol=1e-4), exact        # near ties only
     assert torch.allclose(d_k, d_t, rtol=1e-4, atol=1e-3)
     assert torch.equal(n_k, n_t) and torch.allclose(s_k, s_t, rtol=1e-5, atol=1e-4)
+
+
+@needs_cupy
+def test_cupy_nearest_of_rows_without_a_finite_distance_stays_in_range():
+    """inf centroids make every distance of a row inf or NaN: the kernel's index starts at 0, not
+    INT_MAX, so the sums that follow index a real cluster."""
+    x = _data(200, 40, seed=17, device="cuda").abs() + 1
+    c = torch.full((70, 40), float("inf"), device="cuda")
+    assert cu._use_cupy(x)
+    _, idx = cu._cupy_nearest(x, c)
+    assert idx.min() >= 0 and idx.max() < 70
+    sums, counts = cu.cluster_sums(x, idx, 70)
+    torch.cuda.synchronize()
+    assert counts.sum() == 200
 
 
 @needs_cupy

@@ -1,26 +1,39 @@
 """One check of every GPU path, with one verdict table (scripts/gpu_check.sh runs it).
 
-    python tools/gpu_check.py                 # on a GPU machine: under 4 minutes on one H200
-    python tools/gpu_check.py --dry-run       # here: every step on the CPU (gloo, tiny sizes)
-    python tools/gpu_check.py --dry-run --no-suite --out /tmp/check
+    python3 tools/gpu_check.py                 # on a GPU machine: under 4 minutes on one H200
+    python3 tools/gpu_check.py --dry-run       # here: every step on the CPU (gloo, tiny sizes)
+    python3 tools/gpu_check.py --dry-run --no-suite --out /tmp/check
 
 Steps (each asserts its result; each but the suite runs in its own process, so
-that a crash of one, e.g. an illegal memory access, fails that step alone):
+that a crash of one, e.g. an illegal memory access, fails that step alone; a
+step that runs past its time is killed with every process it started, and
+fails with "timed out after N s"; kernels, finetune and bench, which time
+things, run one after the other, then pretrain, nccl and gloo side by side):
 
-* suite: the whole test suite (CUDA tests included: on a GPU, none may skip for
-  want of CUDA or CuPy); started first, it runs beside the other steps;
+* suite: the tests that skip without CUDA or CuPy (selected by their skipif
+  marker; on a GPU none may skip for want of them), and a short CPU subset
+  beside them, in parallel (pytest-xdist, where installed); no -x. The whole suite is CI's (`python -m pytest -q tests`);
+  started first, both run beside the other steps;
 * kernels: CuPy kernels against the torch path on the same GPU, k-means in both
   modes and DPC-KNN, and a sampled comparison at FHCKM size (894,000 x 17,900 x
   300: every row assigned by the kernel, 20,000 sampled rows by torch); counts
-  the kernel calls, so that a silent fall-back to torch fails; times both modes
-  of a FHCKM-size discovery;
+  the kernel calls, so that a silent fall-back to torch fails (the row names
+  why: cupy missing, or the kernels did not compile); times both modes of a
+  FHCKM-size discovery;
 * finetune: finetune.py on CUDA for a few epochs (checkpoint, best reload,
   test), --resume from its -last.pth, recommend.py --device cuda;
 * bench: bench/finetune.py, seconds per training epoch and peak GPU memory;
 * pretrain: ddp_pretrain.py on CUDA with interest discovery, save, --resume;
 * nccl: a process group of one rank (nccl): DDP pre-training steps with the
   gathered negatives, the discovery broadcast, a save (all_gather_object), and
-  one ddp_finetune.py epoch with sharded evaluation.
+  one ddp_finetune.py epoch with sharded evaluation;
+* gloo: two ranks sharing the one GPU (two NCCL ranks cannot), torchrun with
+  MISSREC_BACKEND=gloo, models and batches on CUDA: a DDP pre-training epoch
+  and a fine-tuning epoch with odd batch sizes, so that the gathers are uneven;
+  the row names the device of the tensors each collective was handed.
+
+The verdict names the python, torch, CUDA, CuPy and numpy it ran with, in the
+table and in OUT/verdict.json.
 
 Data: Scientific_mini from ../shared/datasets/downstream (or --data) when
 present, else generated demo data; the pre-training data is always generated.
@@ -29,13 +42,17 @@ show (CuPy ran, no CUDA test skipped, nccl) is marked SKIPPED. Exit status 1
 if a step fails.
 """
 import argparse
+import importlib.util
 import json
 import os
+import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -44,7 +61,19 @@ MINI = os.path.join(ROOT, '..', 'shared', 'datasets', 'downstream')
 FHCKM = (894000, 17900, 300)          # pre-training interest discovery: points, clusters, dimension
 TINY = ['--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32', '--n_heads=2']
 # step -> timeout on a GPU (s); the whole check stops at --limit-s
-STEPS = {'kernels': 100, 'finetune': 100, 'bench': 60, 'pretrain': 70, 'nccl': 60}
+STEPS = {'kernels': 100, 'finetune': 100, 'bench': 60, 'pretrain': 70, 'nccl': 60, 'gloo': 80}
+# The suite's part of the check: every test that skips without CUDA or CuPy (found by its skipif
+# marker: this module is also the pytest plugin that selects them, pytest_collection_modifyitems),
+# and a short CPU subset beside them (CI runs the whole suite).
+# (about 150 s of one core here; its longest test about 35 s)
+CPU_SUBSET = ('tests/test_cluster.py', 'tests/test_model.py', 'tests/test_model_utils.py', 'tests/test_metrics.py',
+              'tests/test_checkpoints.py', 'tests/test_config.py', 'tests/test_data.py', 'tests/test_trainer.py',
+              'tests/test_sasrec.py', 'tests/test_bad_input.py', 'tests/test_finetune_e2e.py', 'tests/test_recommend.py',
+              'tests/test_eval_only.py')
+# steps without timings: once the timing steps are done they run side by side (a step's own timeout
+# still applies), which keeps the check within its 4 minutes
+CONCURRENT = {'pretrain', 'nccl', 'gloo'}
+KILL_GRACE_S = 8        # SIGTERM to a timed-out process group, then SIGKILL after this
 
 
 class Skip(Exception):
@@ -56,15 +85,78 @@ def row(step, status, detail='', seconds=None, **metrics):
     return {'step': step, 'status': status, 'detail': detail, 'seconds': seconds, **metrics}
 
 
+class TimedOut(AssertionError):
+    """A command ran past its time; it and every process it started were killed."""
+
+
+_GROUPS = set()         # process groups of the commands running now (killed if this process is told to stop)
+
+
+def kill_group(proc, grace=KILL_GRACE_S):
+    """End the process group (session) of `proc`: SIGTERM, up to `grace` s for it to go, then SIGKILL
+    whatever is left of it (children included, e.g. torchrun's or pytest-xdist's workers)."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        proc.poll()                              # reap the leader, so that an empty group reads as gone
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    _GROUPS.discard(pgid)
+
+
+def start(cmd, out, env=None):
+    """Popen of `cmd` from the repository root in a session (process group) of its own, its output to
+    the open file `out`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, **(env or {})))
+    _GROUPS.add(proc.pid)
+    return proc
+
+
+def _stop_on_term(signum, frame):
+    """A step process told to stop (its own timeout in the orchestrator) ends its commands first:
+    they run in sessions of their own, out of reach of the signal to its group."""
+    for pgid in list(_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(128 + signum)
+
+
 def run(cmd, log, timeout, env=None):
-    """Run a command from the repository root, output appended to `log`; returns (rc, output)."""
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
+    """Run a command from the repository root, output appended to `log`; returns (rc, output).
+    Past `timeout` s its whole process group is killed and TimedOut raised."""
+    start_s = time.perf_counter()
+    with tempfile.TemporaryFile('w+') as out:   # a file, not a pipe: a child left running cannot block a read
+        proc = start(cmd, out, env)
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            timed_out = True
+        _GROUPS.discard(proc.pid)
+        out.seek(0)
+        text = out.read()
+    status = f'timed out after {timeout:.0f} s, killed' if timed_out else f'rc {proc.returncode}'
     with open(log, 'a') as f:
-        f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}[rc {proc.returncode}, "
-                f"{time.perf_counter() - start:.1f}s]\n\n")
-    return proc.returncode, proc.stdout + proc.stderr
+        f.write(f"$ {' '.join(cmd)}\n{text}[{status}, {time.perf_counter() - start_s:.1f}s]\n\n")
+    if timed_out:
+        raise TimedOut(f'timed out after {timeout:.0f} s: {" ".join(os.path.basename(c) for c in cmd[:3])}')
+    return proc.returncode, text
 
 
 def expect(cond, message):
@@ -159,7 +251,7 @@ def step_kernels(ctx):
         expect(calls['kernel'] == before + used, 'the torch reference called a CuPy kernel')
         agree = float((lab_k == lab_t).float().mean())
         rel = abs(info_k['objective'] - info_t['objective']) / max(abs(info_t['objective']), 1e-12)
-        expect(not gpu or used > 0, 'no CuPy kernel ran (torch fall-back)')
+        expect(not gpu or used > 0, f'no CuPy kernel ran (torch fall-back: {cu.cupy_unavailable(device)})')
         expect(agree >= min_agree, f'labels agree on {agree:.4%} < {min_agree:.1%}')
         expect(rel <= max_rel, f'objectives differ by {rel:.2e} > {max_rel:.0e}')
         return (f"{n_case}x{d}, K {k_case} ({info_k['n_used']} used): labels agree {agree:.4%}, objective "
@@ -190,21 +282,14 @@ def step_kernels(ctx):
         d_k = ((xs - c[mine[diff]].double()) ** 2).sum(1)
         d_t = ((xs - c[idx_t[diff]].double()) ** 2).sum(1)
         worst = float(((d_k - d_t).abs() / d_t.clamp(min=1e-12)).max()) if len(diff) else 0.0
-        expect(not gpu or used > 0, 'no CuPy kernel ran (torch fall-back)')
+        expect(not gpu or used > 0, f'no CuPy kernel ran (torch fall-back: {cu.cupy_unavailable(device)})')
         expect(agree >= 0.999, f'sampled assignments agree on {agree:.4%} < 99.9%')
         expect(worst <= 1e-4, f'a differing row is no tie (relative distance gap {worst:.1e})')
         return (f'{n}x{k}x{d}: all rows in {t_kernel:.2f}s on the {path} path; {len(sample)} sampled rows agree '
                 f'{agree:.4%} with torch ({len(diff)} differ, largest distance gap {worst:.1e})')
     part('kernels: FHCKM-size assignment, sampled', sampled)
 
-    if gpu:
-        def ran():
-            what = f"path={path}, {calls['kernel']} kernel calls, cupy {'imported' if cupy is not None else 'missing'}"
-            expect(path == 'cupy' and calls['kernel'] > 0, what)
-            return what
-        part('kernels: CuPy path ran', ran)
-    else:
-        rows.append(row('kernels: CuPy path ran', 'SKIPPED', f'no GPU (path={path})'))
+    rows.append(cupy_row(gpu, path, calls['kernel'], cu.cupy_unavailable(device) if gpu else None))
 
     # timings: a FHCKM-size discovery in both modes
     def discovery(mode):
@@ -221,6 +306,18 @@ def step_kernels(ctx):
         sync()
         part(f'timing: FHCKM-size discovery, {mode}', lambda: discovery(mode))
     return rows
+
+
+def cupy_row(gpu, path, kernel_calls, reason):
+    """The 'CuPy path ran' row: on a GPU it FAILs, naming why, when the CuPy kernels did not run
+    (cupy missing, or cluster_kernels.cu did not compile: cluster_utils then took the torch path)."""
+    name = 'kernels: CuPy path ran'
+    if not gpu:
+        return row(name, 'SKIPPED', f'no GPU (path={path})')
+    what = f'path={path}, {kernel_calls} kernel calls'
+    if reason is not None or path != 'cupy' or kernel_calls == 0:
+        return row(name, 'FAIL', f"{what}; torch fall-back: {reason or 'the kernels were not called'}")
+    return row(name, 'PASS', what)
 
 
 def step_finetune(ctx):
@@ -387,27 +484,167 @@ def step_nccl(ctx):
     return rows
 
 
+# the tensor collectives of distributed.py; gloo takes CPU and CUDA tensors for each (torch's backend
+# table), and the row names the device of the tensors each was handed
+GLOO_COLLECTIVES = ('all_gather', 'all_reduce', 'broadcast')
+
+
+def step_gloo(ctx):
+    """Two gloo ranks sharing the one GPU, models and batches on CUDA (two NCCL ranks cannot share a
+    GPU): torchrun, MISSREC_BACKEND=gloo, a DDP pre-training epoch and a fine-tuning epoch with odd
+    batch sizes, so that the feature gathers and sharded evaluation batches are uneven across the
+    ranks. Dry run: the same on the CPU."""
+    gpu = not ctx['dry']
+    out = os.path.join(ctx['out'], 'gloo')
+    log = os.path.join(ctx['out'], 'gloo.log')
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    common = [f'--use_gpu={gpu}', '--show_progress=False', f'--checkpoint_dir={out}/saved', f'--log_dir={out}/log']
+    common += [] if gpu else TINY
+    name, path = ctx['demo']
+    jobs = {'pretrain': ['-d', 'DemoPT', f"--data_path={ctx['pre']}", '--pretrain_epochs=1', '--save_step=1',
+                         f"--train_batch_size={255 if gpu else 63}"],
+            'finetune': ['-d', name, f'--data_path={path}', '--epochs=1', '--stopping_step=50',
+                         f"--train_batch_size={255 if gpu else 31}", f"--eval_batch_size={127 if gpu else 13}"]}
+    rows = []
+    for stage, args in jobs.items():
+        start_s = time.perf_counter()
+        prefix = os.path.join(out, stage)
+        os.makedirs(out, exist_ok=True)
+        rc, text = run(torchrun + [os.path.abspath(__file__), '--ddp-entry', stage, prefix, '--'] + args + common,
+                       log, 150, env={'MISSREC_BACKEND': 'gloo'})
+        ranks = [f'{prefix}-rank{r}.json' for r in range(2)]
+        ranks = [json.load(open(f)) for f in ranks if os.path.exists(f)]
+        failed = [f"rank {r['rank']}: {r['error']}" for r in ranks if r.get('error')]
+        expect(rc == 0 and len(ranks) == 2 and not failed,
+               f"{stage}: torchrun rc {rc}, {len(ranks)} rank reports; {'; '.join(failed) or tail(text, 2)}")
+        device = 'cuda:0' if gpu else 'cpu'
+        for r in ranks:
+            expect(r['backend'] == 'gloo' and r['world_size'] == 2 and r['device'] == device,
+                   f"rank {r['rank']}: backend {r['backend']}, world {r['world_size']}, device {r['device']}")
+        seen = ranks[0]['collectives']           # {name: {device type of the tensor handed to it: calls}}
+        used = {c: sum(seen.get(c, {}).values()) for c in GLOO_COLLECTIVES}
+        uneven = min(r['uneven_gathers'] for r in ranks)
+        expect(uneven > 0, f'{stage}: no uneven gather in {ranks[0]["gathers"]} (sizes {ranks[0]["sizes"][:5]})')
+        if stage == 'pretrain':
+            expect(used['all_gather'] > 0 and used['broadcast'] > 0 and used['all_reduce'] > 0,
+                   f'pretrain: collectives {used}')
+            expect(ranks[0]['params'] == ranks[1]['params'], f"parameters differ between the ranks: "
+                   f"{ranks[0]['params']} vs {ranks[1]['params']}")
+            what = f"1 epoch (discovery, steps, save), loss {ranks[0]['loss']:.3f}, parameters equal on both ranks"
+        else:
+            expect(used['all_gather'] > 0, f'finetune: collectives {used}')
+            expect(ranks[0]['test'] == ranks[1]['test'] and ranks[0]['test']['ndcg@10'] > 0,
+                   f"test results: {ranks[0]['test']} vs {ranks[1]['test']}")
+            what = f"sharded evaluation, test NDCG@10 {ranks[0]['test']['ndcg@10']:.4f} on both ranks"
+        forced = ' (gloo forced by gpu_check: distributed.init_from_env ignores MISSREC_BACKEND)' \
+            if any(r['forced'] for r in ranks) else ''
+        calls = ', '.join(f"{c} {n} ({'/'.join(sorted(seen.get(c, {}))) or '-'} tensors)" for c, n in used.items())
+        rows.append(row(f'gloo: 2 ranks on one {"GPU" if gpu else "CPU"}, DDP {stage}', 'PASS',
+                        f'{what}; model on {device}; {uneven} of {ranks[0]["gathers"]} gathers uneven; {calls}; '
+                        f'object collectives and barriers on the CPU{forced}', time.perf_counter() - start_s))
+    return rows
+
+
+def ddp_entry(stage, prefix, argv):
+    """Body of one torchrun rank of the gloo step: quick_start.main(stage, argv) with the collectives
+    counted by tensor device, the first-dimension sizes of every gather, the backend checked, and a
+    report in {prefix}-rank{RANK}.json."""
+    import torch.distributed as dist
+    import distributed as D
+    import quick_start
+    want = os.environ.get('MISSREC_BACKEND', '')
+    report = {'rank': int(os.environ.get('RANK', 0)), 'backend': None, 'forced': False, 'world_size': None,
+              'device': None, 'collectives': {}, 'sizes': [], 'gathers': 0, 'uneven_gathers': 0, 'error': None}
+
+    def backend_of(real):
+        def call(*a, **kw):
+            positional = 'backend' not in kw and bool(a)
+            backend = a[0] if positional else kw.get('backend')
+            if want and backend not in (None, want):   # distributed.py does not honour MISSREC_BACKEND
+                report['forced'] = True
+                a = a[1:] if positional else a
+                kw = dict(kw, backend=want)
+                kw.pop('device_id', None)
+            return real(*a, **kw)
+        return call
+    dist.init_process_group = backend_of(dist.init_process_group)
+    dist.new_group = backend_of(dist.new_group)
+
+    def counted(real, name):
+        def call(*a, **kw):
+            t = a[1] if name == 'all_gather' else a[0]
+            per = report['collectives'].setdefault(name, {})
+            per[t.device.type] = per.get(t.device.type, 0) + 1
+            return real(*a, **kw)
+        return call
+    for name in GLOO_COLLECTIVES:
+        setattr(dist, name, counted(getattr(dist, name), name))
+    real_gather = D._gather_padded          # every gather of rows: (x, sizes of every rank, group)
+
+    def gather(x, sizes, *a, **kw):
+        report['sizes'].append(list(sizes))
+        report['gathers'] += 1
+        report['uneven_gathers'] += len(set(sizes)) > 1
+        return real_gather(x, sizes, *a, **kw)
+    D._gather_padded = gather
+    run = getattr(quick_start, stage)
+
+    def observed(config, resume=''):
+        out = run(config, resume)
+        report.update(backend=dist.get_backend(), world_size=D.world_size(),
+                      device=str(D.process_device(config['use_gpu'])))
+        if stage == 'pretrain':
+            model = out['trainer'].model
+            report['params'] = repr(sum(float(p.detach().double().sum()) for p in model.parameters()))
+            report['loss'] = float(out['losses'][-1]) if out['losses'] else float('nan')
+        else:
+            report['test'] = {k: float(v) for k, v in out['test'][0].items()}
+        return out
+    setattr(quick_start, stage, observed)
+    code = 1
+    try:
+        code = quick_start.main(stage, argv, nproc=0)
+    except BaseException as e:
+        report['error'] = f'{type(e).__name__}: {e}'[:400]
+        raise
+    finally:
+        report['sizes'] = report['sizes'][:20]
+        with open(f"{prefix}-rank{report['rank']}.json", 'w') as f:
+            json.dump(report, f)
+    if code and not report['error']:
+        report['error'] = f'exit status {code}'
+        with open(f"{prefix}-rank{report['rank']}.json", 'w') as f:
+            json.dump(report, f)
+    return code
+
+
 # ------------------------------------------------------------------------ orchestration
-def run_step(name, ctx, timeout):
-    """One step in a process of its own; returns its rows (a FAIL row if it failed or died)."""
-    result = os.path.join(ctx['out'], f'{name}.json')
+def step_cmd(name, ctx, result):
     cmd = [sys.executable, os.path.abspath(__file__), '--step', name, '--out', ctx['out'], '--result', result]
     cmd += ['--dry-run'] if ctx['dry'] else []
     cmd += ['--data', ctx['data']] if ctx['data'] else []
-    start = time.perf_counter()
+    return cmd
+
+
+def run_step(name, ctx, timeout):
+    """One step in a process (group) of its own; returns its rows (a FAIL row if it failed, died or
+    timed out: then its whole process group is killed, children included)."""
+    result = os.path.join(ctx['out'], f'{name}.json')
+    start_s = time.perf_counter()
     try:
-        rc, text = run(cmd, os.path.join(ctx['out'], f'{name}.out'), timeout)
-    except subprocess.TimeoutExpired:
-        return [row(name, 'FAIL', f'timed out after {timeout:.0f}s', time.perf_counter() - start)]
+        rc, text = run(step_cmd(name, ctx, result), os.path.join(ctx['out'], f'{name}.out'), timeout)
+    except TimedOut:
+        return [row(name, 'FAIL', f'timed out after {timeout:.0f} s', time.perf_counter() - start_s)]
     if os.path.exists(result):
         with open(result) as f:
             return json.load(f)
-    return [row(name, 'FAIL', f'died (rc {rc}): {tail(text)}', time.perf_counter() - start)]
+    return [row(name, 'FAIL', f'died (rc {rc}): {tail(text)}', time.perf_counter() - start_s)]
 
 
 def step_main(name, ctx, result):
     """Body of a step's process: run it, write its rows (a FAIL row with the message on an error)."""
     import torch
+    signal.signal(signal.SIGTERM, _stop_on_term)
     start = time.perf_counter()
     data_paths(ctx)
     try:
@@ -425,27 +662,89 @@ def step_main(name, ctx, result):
         json.dump(rows, f)
 
 
-def suite_rows(proc, log, dry):
-    """Verdict of the test suite: it passed, and on a GPU no test skipped for want of CUDA/CuPy/nvcc."""
+def suite_cmds():
+    """{part: (pytest command, environment)} of the suite's part of the check: the tests that skip
+    without CUDA/CuPy (serial: they share the GPU with the steps), and the CPU subset less those, in
+    parallel where pytest-xdist is installed (half the cores, at most 8: the steps run beside it)."""
+    base = [sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', '-p', 'tools.gpu_check']
+    workers = min(8, max((os.cpu_count() or 1) // 2, 1))
+    xdist = ['-n', str(workers)] if importlib.util.find_spec('xdist') and workers > 1 else []
+    return {'suite: CUDA/CuPy tests': (base + ['tests'], {SELECT: 'cuda'}),
+            'suite: CPU subset': (base + xdist + list(CPU_SUBSET), {SELECT: 'cpu'})}
+
+
+SELECT = 'GPU_CHECK_TESTS'     # cuda | cpu: which tests pytest_collection_modifyitems keeps
+
+
+def needs_gpu(item):
+    """A test item that skips without CUDA or CuPy: a skipif marker (of the test, its parameter or
+    its module) whose reason names CUDA or CuPy."""
+    return any(re.search(r'CUDA|cupy|CuPy', str(m.kwargs.get('reason', ''))) for m in item.iter_markers('skipif'))
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest hook, with `pytest -p tools.gpu_check` and GPU_CHECK_TESTS=cuda (the tests that skip
+    without CUDA/CuPy) or cpu (the others); without the variable it selects nothing."""
+    part = os.environ.get(SELECT)
+    if part not in ('cuda', 'cpu'):
+        return
+    keep = [item for item in items if needs_gpu(item) == (part == 'cuda')]
+    dropped = [item for item in items if needs_gpu(item) != (part == 'cuda')]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def suite_rows(part, returncode, log, dry):
+    """Verdict of one part of the suite: it passed; in the CUDA part on a GPU, tests ran and none
+    skipped for want of CUDA/CuPy."""
     text = open(log).read()
     summary = tail(text)
-    if proc.returncode != 0:
-        return [row('suite: all tests', 'FAIL', summary)]
+    if returncode != 0:
+        return [row(part, 'FAIL', f'pytest exit status {returncode}: {summary}')]
+    if 'CUDA' not in part:
+        return [row(part, 'PASS', summary)]
     skips = re.findall(r'^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$', text, re.M)
     gpu_skips = [reason for _, reason in skips if re.search(r'CUDA|cupy|CuPy', reason)]
-    if not dry and gpu_skips:
-        return [row('suite: all tests', 'FAIL', f'{summary}; skipped on a GPU: {sorted(set(gpu_skips))}')]
-    rows = [row('suite: all tests', 'PASS', summary)]
     n_gpu = sum(int(n) for n, reason in skips if reason in gpu_skips)
     if dry:
-        rows.append(row('suite: CUDA tests', 'SKIPPED', f'{n_gpu} skipped without CUDA/CuPy'))
-    else:
-        rows.append(row('suite: CUDA tests', 'PASS', 'none skipped'))
-    return rows
+        return [row(part, 'SKIPPED', f'{n_gpu} skipped without CUDA/CuPy ({summary})')]
+    if gpu_skips:
+        return [row(part, 'FAIL', f'{summary}; skipped on a GPU: {sorted(set(gpu_skips))}')]
+    if not re.search(r'\b[1-9]\d* passed', summary):
+        return [row(part, 'FAIL', f'no CUDA test ran: {summary}')]
+    return [row(part, 'PASS', f'{summary}; none skipped for want of CUDA/CuPy')]
 
 
-def print_table(rows, total_s):
+def environment(dry):
+    """What the check runs with: python, torch, CUDA, CuPy, numpy, pytest-xdist, the device."""
+    import numpy
+    import torch
+    env = {'python': f'{platform.python_version()} ({sys.executable})', 'torch': torch.__version__,
+           'cuda': torch.version.cuda or 'none (a CPU build of torch)', 'numpy': numpy.__version__}
+    try:
+        import cupy
+        env['cupy'] = cupy.__version__
+        if not dry:
+            v = cupy.cuda.runtime.runtimeGetVersion()
+            env['cupy'] += f' (CUDA runtime {v // 1000}.{v % 1000 // 10})'
+    except Exception as e:
+        env['cupy'] = f'missing ({type(e).__name__}: {e})'
+    xdist = importlib.util.find_spec('xdist')
+    env['pytest-xdist'] = 'installed' if xdist else 'missing (the CPU subset runs serially)'
+    env['device'] = torch.cuda.get_device_name(0) if not dry else 'dry run on the CPU'
+    return env
+
+
+def env_line(env):
+    return (f"python {env['python']}, torch {env['torch']}, CUDA {env['cuda']}, cupy {env['cupy']}, "
+            f"numpy {env['numpy']}, pytest-xdist {env['pytest-xdist'].split(' ')[0]}; {env['device']}")
+
+
+def print_table(rows, total_s, env=None):
     print('\n## GPU check verdict\n')
+    if env:
+        print(f'{env_line(env)}\n')
     print('| step | status | s | detail |')
     print('|---|---|---|---|')
     for r in rows:
@@ -457,9 +756,12 @@ def print_table(rows, total_s):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['--ddp-entry']:                     # one rank of the gloo step, under torchrun
+        return ddp_entry(argv[1], argv[2], argv[4:] if argv[3:4] == ['--'] else argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dry-run', action='store_true', help='the CPU steps only (CPU, gloo, tiny sizes)')
-    parser.add_argument('--no-suite', action='store_true', help='skip the test suite')
+    parser.add_argument('--no-suite', action='store_true', help='skip the suite part (CUDA/CuPy tests, CPU subset)')
     parser.add_argument('--out', default='', help='folder for data, logs and checkpoints (default: a new temporary one)')
     parser.add_argument('--data', default='', help=f'folder holding Scientific_mini/ (default {MINI})')
     parser.add_argument('--steps', default=','.join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
@@ -477,63 +779,92 @@ def main(argv=None):
     if args.step:
         step_main(args.step, ctx, args.result)
         return 0
+    signal.signal(signal.SIGTERM, _stop_on_term)       # told to stop: end the suite and the running step too
+    try:
+        return check(args, ctx)
+    finally:
+        for pgid in list(_GROUPS):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
-    start = time.perf_counter()
-    deadline = start + (args.limit_s if not args.dry_run else 3600)
+
+def check(args, ctx):
+    """The orchestrator: environment, data, the suite's part beside the steps, the verdict."""
+    start_s = time.perf_counter()
+    deadline = start_s + (args.limit_s if not args.dry_run else 3600)
     import torch
     rows = []
     if not args.dry_run and not torch.cuda.is_available():
         print('error: no CUDA device visible; use --dry-run for the CPU steps', file=sys.stderr)
         return 2
-    try:
-        import cupy
-        cupy_version = cupy.__version__
-    except Exception as e:
-        cupy_version = f'missing ({type(e).__name__})'
-    env = (f"torch {torch.__version__}, CUDA {torch.version.cuda}, cupy {cupy_version}, "
-           + (torch.cuda.get_device_name(0) if not args.dry_run else 'dry run on the CPU'))
-    rows.append(row('environment', 'PASS' if not args.dry_run else 'SKIPPED', env))
-    print(f'gpu_check: {env}; output in {ctx["out"]}', flush=True)
+    env = environment(args.dry_run)
+    rows.append(row('environment', 'PASS' if not args.dry_run else 'SKIPPED', env_line(env)))
+    print(f'gpu_check: {env_line(env)}; output in {ctx["out"]}', flush=True)
     write_data(ctx)                                     # once here; the steps find it in place
     data_paths(ctx)
     print(f"data: fine-tuning on {ctx['ft'][0]} ({ctx['ft'][1]}), generated DemoPT for pre-training", flush=True)
-    suite, suite_log = None, os.path.join(ctx['out'], 'suite.log')
-    if not args.no_suite:   # beside the other steps: it is mostly CPU work, they are mostly GPU work
-        suite = subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-x', '-rs', 'tests'], cwd=ROOT,
-                                 stdout=open(suite_log, 'w'), stderr=subprocess.STDOUT,
-                                 env=dict(os.environ, OMP_NUM_THREADS='1'))
+    suites = {}
+    if not args.no_suite:   # beside the other steps: the CPU subset is CPU work, they are mostly GPU work
+        for i, (part, (cmd, env_part)) in enumerate(suite_cmds().items()):
+            log = os.path.join(ctx['out'], f'suite{i}.log')
+            shown = ' '.join(f'{k}={v}' for k, v in env_part.items()) + ' ' + ' '.join(cmd)
+            with open(log, 'w') as out:
+                out.write(f'$ {shown}\n')
+                out.flush()
+                suites[part] = (start(cmd, out, env=dict(env_part, OMP_NUM_THREADS='1')), log)
+            print(f'started {part}: {shown}', flush=True)
+    # the timing steps one after the other; then the others side by side (each its own processes)
+    pool, results = ThreadPoolExecutor(max_workers=len(STEPS)), {}
     for name, timeout in STEPS.items():
         if name not in args.steps.split(','):
             continue
         left = deadline - time.perf_counter()
         if left < 10:
-            rows.append(row(name, 'FAIL', f'not started: the {args.limit_s:.0f}s limit was reached'))
+            results[name] = [row(name, 'FAIL', f'not started: the {args.limit_s:.0f}s limit was reached')]
             continue
-        step_rows = run_step(name, ctx, min(timeout if not args.dry_run else 1200, left))
-        rows += step_rows
-        for r in step_rows:
+        limit = min(timeout if not args.dry_run else 1200, left)
+        if name in CONCURRENT:
+            results[name] = pool.submit(run_step, name, ctx, limit)
+            continue
+        results[name] = run_step(name, ctx, limit)
+        for r in results[name]:
             print(f"  {r['status']:<7} {r['step']}: {r['detail']}", flush=True)
-    if suite is None:
-        rows.append(row('suite: all tests', 'SKIPPED', '--no-suite'))
-    else:
+    for name, got in results.items():
+        if not isinstance(got, list):
+            got = got.result()
+            for r in got:
+                print(f"  {r['status']:<7} {r['step']}: {r['detail']}", flush=True)
+        rows += got
+    pool.shutdown()
+    if not suites:
+        rows.append(row('suite: CUDA/CuPy tests, CPU subset', 'SKIPPED', '--no-suite'))
+    for part, (proc, log) in suites.items():
         try:
-            suite.wait(timeout=max(deadline - time.perf_counter(), 1))
-            rows += suite_rows(suite, suite_log, args.dry_run)
+            proc.wait(timeout=max(deadline - time.perf_counter(), 1))
+            _GROUPS.discard(proc.pid)
+            rows += suite_rows(part, proc.returncode, log, args.dry_run)
         except subprocess.TimeoutExpired:
-            suite.kill()
-            suite.wait()
-            rows.append(row('suite: all tests', 'FAIL', f'still running at the {args.limit_s:.0f}s limit; '
-                            f'last line: {tail(open(suite_log).read())}'))
+            kill_group(proc)
+            rows.append(row(part, 'FAIL', f'still running at the {args.limit_s:.0f}s limit, killed; '
+                            f'last line: {tail(open(log).read())}'))
     peaks = {r['source']: r['peak_mb'] for r in rows if r.get('peak_mb')}   # one per step process
     if peaks and not args.dry_run:
         names = {'kernels': 'k-means at FHCKM size', 'bench': f"{ctx['ft'][0]} fine-tuning", 'nccl': 'nccl step'}
         rows.append(row('timing: GPU memory', 'PASS', 'peak allocated: ' + ', '.join(
             f'{names.get(k, k)} {v:.0f} MB' for k, v in peaks.items())))
-    total = time.perf_counter() - start
+    total = time.perf_counter() - start_s
     if not args.dry_run and total > 240:
         rows.append(row('total time', 'FAIL', f'{total:.0f}s > 240s'))
-    print_table(rows, total)
-    return 1 if any(r['status'] == 'FAIL' for r in rows) else 0
+    print_table(rows, total, env)
+    verdict = os.path.join(ctx['out'], 'verdict.json')
+    counts = {s: sum(r['status'] == s for r in rows) for s in ('PASS', 'FAIL', 'SKIPPED')}
+    with open(verdict, 'w') as f:
+        json.dump({'environment': env, 'dry_run': args.dry_run, 'total_s': total, 'counts': counts, 'rows': rows},
+                  f, indent=1)
+    print(f'verdict as JSON: {verdict}')
+    return 1 if counts['FAIL'] else 0
 
 
 if __name__ == '__main__':
