@@ -140,7 +140,7 @@ def run(cmd, log, timeout, env=None):
     """Run a command from the repository root, output appended to `log`; returns (rc, output).
     Past `timeout` s its whole process group is killed and TimedOut raised."""
     start_s = time.perf_counter()
-    with tempfile.TemporaryFile('w+') as out:   # a file, not a pipe: a child left running cannot block a read
+    with tempfile.TemporaryFile('w+', errors='replace') as out:   # a file, not a pipe: no child blocks a read
         proc = start(cmd, out, env)
         try:
             proc.wait(timeout=timeout)
