@@ -416,8 +416,7 @@ _WARNED_GPU_COUNT = False
 
 
 def set_cuda_rng_states(states):
-    """Restore saved CUDA generator states. torch.load with a CUDA map_location puts them on the
-    GPU, but the generators take CPU ByteTensors; a checkpoint written where more (or fewer)
+    """Restore saved CUDA generator states (CPU ByteTensors); a checkpoint written where more (or fewer)
     GPUs were visible restores those it has for the GPUs visible now."""
     global _WARNED_GPU_COUNT
     count = torch.cuda.device_count()
@@ -444,15 +443,19 @@ def save_checkpoint(path, config, epoch, model, optimizer, **state):
     D.barrier()
 
 
-def resume_from(path, model, optimizer, device, expected, required=()):
+def resume_from(path, model, optimizer, expected, required=()):
     """Load a checkpoint of `save_checkpoint` into model and optimizer and restore this process's
     random states; returns the checkpoint (its `epoch` and any further entries).
+
+    The file is read onto the CPU: the model's and the optimiser's `load_state_dict` copy each
+    tensor to its parameter's device, except Adam's step counters, which stay on the host as in a
+    fresh run (on a GPU, reading a step counter there would stall every step once per parameter).
 
     Args:
         expected: what the checkpoint should be, for the message when it is not.
         required: further entries the checkpoint must hold.
     """
-    ckpt = load_checkpoint(path, map_location=device)
+    ckpt = load_checkpoint(path)
     if any(k not in ckpt for k in ('state_dict', 'optimizer', 'epoch', 'rng_states', *required)):
         raise CheckpointError(f'{path}: not a checkpoint to resume from (expected {expected})')
     model.load_state_dict(ckpt['state_dict'])

@@ -95,6 +95,7 @@ DEFAULTS = {
     'learning_rate': 0.001,
     'weight_decay': 0.0,
     'clip_grad_norm': None,
+    'loss_read_step': 50,     # read the batch losses on the host every N batches (each read stalls a GPU)
     'stopping_step': 10,
     'eval_step': 1,
     'valid_metric': 'NDCG@10',
@@ -217,7 +218,8 @@ class Config:
             raise ConfigError(f"{self.sources.get('interest_ratio', 'defaults')}: interest_ratio = "
                               f"{c['interest_ratio']!r}; expected a number in (0, 1]")
         for key in ('hidden_size', 'n_heads', 'inner_size', 'train_batch_size', 'eval_batch_size',
-                    'epochs', 'stopping_step', 'eval_step', 'MAX_ITEM_LIST_LENGTH', 'plm_size', 'img_size'):
+                    'epochs', 'stopping_step', 'eval_step', 'MAX_ITEM_LIST_LENGTH', 'plm_size', 'img_size',
+                    'loss_read_step'):
             if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < 1:
                 raise ConfigError(f"{self.sources.get(key, 'defaults')}: {key} = {c[key]!r}; "
                                   'expected a positive integer')

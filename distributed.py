@@ -7,6 +7,11 @@ same training code runs in single-process CPU tests.
     process_device()       # this process's device (also without a group)
     try: ... finally: teardown()
 
+Collectives run on the group's device (`group_device`: the process's GPU under nccl,
+the CPU under gloo). Every collective of the project goes through these helpers, and
+they move what they are handed there and hand results back on the caller's device:
+a tensor made on the CPU (a size, a flag) is never given to nccl, which refuses it.
+
 `all_gather_with_grad(x)` gathers per-rank tensors whose first dimension may
 differ between ranks (the last batch of an epoch, or a global batch that does
 not divide by the world size). Its backward sums the incoming gradients of
@@ -26,6 +31,7 @@ import torch.distributed as dist
 from config import ConfigError
 
 _GATHER_GROUP = None   # a separate group keeps feature gathers apart from DDP's gradient buckets
+_GROUP_DEVICE = torch.device('cpu')   # where the collectives run (group_device)
 _JOB_STORE = None      # torchrun's store: outlives restarts of the processes (job_value)
 
 
@@ -83,7 +89,7 @@ def init_from_env(use_gpu=True, timeout_s=1800, group_of_one=False):
     helpers keep their one-process defaults; `group_of_one` creates it even then
     (scripts/gpu_check.sh runs the collectives on one GPU this way).
     """
-    global _GATHER_GROUP
+    global _GATHER_GROUP, _GROUP_DEVICE
     device = process_device(use_gpu)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
@@ -100,14 +106,21 @@ def init_from_env(use_gpu=True, timeout_s=1800, group_of_one=False):
     dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world,
                             device_id=device if backend == 'nccl' else None)
     _GATHER_GROUP = dist.new_group(backend=backend)
+    _GROUP_DEVICE = device if backend == 'nccl' else torch.device('cpu')
     return device
 
 
+def group_device():
+    """The device of the collectives: the process's GPU under nccl, else the CPU."""
+    return _GROUP_DEVICE
+
+
 def teardown():
-    global _GATHER_GROUP, _JOB_STORE
+    global _GATHER_GROUP, _JOB_STORE, _GROUP_DEVICE
     if is_dist():
         dist.destroy_process_group()
     _GATHER_GROUP = _JOB_STORE = None
+    _GROUP_DEVICE = torch.device('cpu')
 
 
 def restart_count():
@@ -136,17 +149,33 @@ def barrier():
 
 
 def all_reduce_sum(x):
-    """Sum of tensor `x` over ranks (a new tensor; `x` is not modified)."""
-    x = x.clone()
-    if is_dist():
-        dist.all_reduce(x)
-    return x
+    """Sum of tensor `x` over ranks (a new tensor on x's device; `x` is not modified)."""
+    if not is_dist():
+        return x.clone()
+    y = x.to(_GROUP_DEVICE, copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def max_over_ranks(n):
+    """The largest of the ints `n` of every rank (`n` without a group)."""
+    if not is_dist():
+        return n
+    t = torch.tensor(n, device=_GROUP_DEVICE)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def broadcast_(x, src=0):
     """Broadcast tensor `x` from `src` in place; returns it."""
-    if is_dist():
+    if not is_dist():
+        return x
+    if x.device == _GROUP_DEVICE:
         dist.broadcast(x, src)
+    else:
+        y = x.to(_GROUP_DEVICE)
+        dist.broadcast(y, src)
+        x.copy_(y)
     return x
 
 
@@ -167,22 +196,24 @@ def all_gather_object(obj):
     return out
 
 
-def _sizes(n, device, group=None):
-    """First-dimension sizes of every rank."""
-    t = torch.tensor([n], device=device)
+def _sizes(n, group=None):
+    """First-dimension sizes of every rank (one read on the host)."""
+    t = torch.tensor([n], device=_GROUP_DEVICE)
     out = [torch.zeros_like(t) for _ in range(world_size())]
     dist.all_gather(out, t, group=group)
-    return [int(s) for s in out]
+    return torch.cat(out).tolist()
 
 
 def _gather_padded(x, sizes, group=None):
-    """all_gather of tensors with different first dimensions: pad to the largest, cut back."""
+    """all_gather of tensors with different first dimensions: pad to the largest, cut back
+    (on x's device)."""
     top = max(sizes)
-    pad = x.new_zeros((top - x.shape[0], *x.shape[1:]))
-    xp = torch.cat([x, pad]) if top > x.shape[0] else x.contiguous()
+    xg = x.to(_GROUP_DEVICE)
+    pad = xg.new_zeros((top - x.shape[0], *x.shape[1:]))
+    xp = torch.cat([xg, pad]) if top > x.shape[0] else xg.contiguous()
     out = [torch.empty_like(xp) for _ in sizes]
     dist.all_gather(out, xp, group=group)
-    return [o[:s] for o, s in zip(out, sizes)]
+    return [o[:s].to(x.device) for o, s in zip(out, sizes)]
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -193,22 +224,30 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)   # every rank's loss contributes to every slot
+        summed = grad.to(_GROUP_DEVICE, copy=True).contiguous()
+        dist.all_reduce(summed, group=ctx.group)   # every rank's loss contributes to every slot
         start = sum(ctx.sizes[:dist.get_rank()])
-        return grad[start:start + ctx.sizes[dist.get_rank()]], None, None
+        return summed[start:start + ctx.sizes[dist.get_rank()]].to(grad.device), None, None
 
 
-def all_gather_with_grad(x):
+def share_sizes(global_rows):
+    """The rows of each rank's share of a global batch of `global_rows` rows (rank r: rows r::W)."""
+    w = world_size()
+    return [len(range(r, global_rows, w)) for r in range(w)]
+
+
+def all_gather_with_grad(x, sizes=None):
     """Concatenate `x` [b_r, ...] of every rank in rank order.
 
+    Args:
+        sizes: [b_0, b_1, ...] when known (`share_sizes`); else gathered (a read on the host).
     Returns:
         (x_all [sum_r b_r, ...], offset of this rank's rows in x_all).
     Tensors that do not require grad (e.g. item ids) are gathered without autograd.
     """
     if not is_dist():
         return x, 0
-    sizes = _sizes(x.shape[0], x.device, _GATHER_GROUP)
+    sizes = sizes or _sizes(x.shape[0], _GATHER_GROUP)
     if x.requires_grad:
         out = _GatherWithGrad.apply(x, sizes, _GATHER_GROUP)
     else:
@@ -223,7 +262,7 @@ def gather_rows_interleaved(x):
     """
     if not is_dist():
         return x
-    sizes = _sizes(x.shape[0], x.device)
+    sizes = _sizes(x.shape[0])
     parts = _gather_padded(x, sizes)
     w = len(parts)
     out = x.new_empty((sum(sizes), *x.shape[1:]))

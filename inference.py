@@ -19,6 +19,7 @@ import torch
 from checkpoints import CheckpointError, load_checkpoint, shape_mismatches, state_dict_of
 from config import DEFAULTS, Config, ConfigError
 from data.dataset import DataError, SeqDataset, pad_histories, read_item2index
+from data.loader import to_device
 from missrec import MISSRec
 from tools._io import ToolError, run_main
 
@@ -144,7 +145,7 @@ def score_histories(model, histories, pad_len=None):
     device = next(model.parameters()).device
     offsets = np.cumsum([0] + [len(h) for h in histories])
     seq, lengths = pad_histories(np.concatenate(histories), offsets, int(max(np.diff(offsets))))
-    batch = {'item_seq': seq.to(device), 'item_seq_len': lengths.to(device)}
+    batch = to_device({'item_seq': seq, 'item_seq_len': lengths}, device)
     if pad_len is not None:
         batch['pad_len'] = pad_len
     model.eval()

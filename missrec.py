@@ -10,6 +10,12 @@ API (RecBole style): `calculate_loss(batch, gather=None) -> loss` for both stage
 `interest_points()` (fine-tuning) or `pretrain_interest_points(...)`, then
 `set_interests(...)`, for interest discovery. The interest tables are buffers of
 the model in both stages.
+
+Host and device: everything whose size or positions depend on the data (distinct
+interests, buckets, packed positions) is planned on the host, from the batch's host
+tensors (`batch['host']` on a GPU, the batch itself on the CPU) and one host copy of
+the interest lookup tables per step, and only index tensors are copied to the model's
+device. So a training step waits for the GPU about once (bench/host_syncs.py).
 """
 import math
 
@@ -18,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster_utils import write_interest_tables
-from model_utils import Packer, SeqTransformer, dropout, query_only_sums
+from distributed import max_over_ranks
+from model_utils import Packer, SeqTransformer, dropout, query_only_sums, to_device
 
 
 def unique_interests(ids):
@@ -147,25 +154,38 @@ class MISSRec(SeqTransformer):
         embeddings, *lookups = self.interest_tables()
         write_interest_tables(labels, centroids, embeddings, lookups)
 
-    def interest_ids(self, item_seq):
+    def interest_ids(self, item_seq, lookups=None):
         """[B, M*L] interest ids of every item and modality of the sequences.
 
         `item_seq` is long [B, L], or {modality: long [B, L]} when the modalities follow
-        different sequences (pre-training's augmented side, see data/pretrain.py)."""
+        different sequences (pre-training's augmented side, see data/pretrain.py).
+        `lookups`: {modality: lookup table} to read instead of the buffers (`host_tables`)."""
         seqs = item_seq if isinstance(item_seq, dict) else dict.fromkeys(self.modalities, item_seq)
-        return torch.cat([getattr(self, f'{self._prefix(m)}_interest_lookup_table')[seqs[m]]
-                          for m in self.modalities], dim=1)
+        lookups = lookups or {m: getattr(self, f'{self._prefix(m)}_interest_lookup_table') for m in self.modalities}
+        return torch.cat([lookups[m][seqs[m]] for m in self.modalities], dim=1)
+
+    def host_tables(self, empty_masks=False):
+        """Host copies of the interest lookup tables {modality: long [N]} (and, with `empty_masks`,
+        of the modality-missing masks {modality: bool [N]}), made in one copy."""
+        tables = [getattr(self, f'{self._prefix(m)}_interest_lookup_table') for m in self.modalities]
+        if empty_masks:
+            tables += [getattr(self, f'{self._table_name(m)}_empty_mask').long() for m in self.modalities]
+        if not tables:
+            return {}, {}
+        host = torch.stack(tables).to('cpu', copy=True).unbind(0)
+        m = len(self.modalities)
+        return dict(zip(self.modalities, host[:m])), dict(zip(self.modalities, (t.bool() for t in host[m:])))
 
     # ------------------------------------------------------------ sequence side
     def seq_output(self, item_seq, item_seq_len, modal_emb, empty_masks, interest_ids, interest_table,
                    pad_len=None, width_max=None):
         """Interest-aware sequence representation (SPEC 3.2).
 
-        Args:
+        Args (item_seq, item_seq_len, empty_masks and interest_ids on the host):
             item_seq: long [B, L] left-aligned item ids, 0 = PAD.
             item_seq_len: long [B].
-            modal_emb: {modality: (table float [R, H], index long [B, L])}: the adapted
-                feature of position (b, l) is table[index[b, l]].
+            modal_emb: {modality: (table float [R, H], index long [B, L])} on the model's device:
+                the adapted feature of position (b, l) is table[index[b, l]].
             empty_masks: {modality: bool [B, L]} True where the modality is missing.
             interest_ids: long [B, X] interest ids of the sequence (0 = PAD interest).
             interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
@@ -195,9 +215,10 @@ class MISSRec(SeqTransformer):
         one encoder layer, as extra slots of the rows), unless `reg_pad_draws: shared`
         (faster, not the original's distribution).
         """
+        device = interest_table.device if self.modalities else None
         if not self.modalities:
-            return None, item_seq.new_zeros((), dtype=torch.float)
-        ids, n_valid = unique_interests(interest_ids)                    # [B, Qv], [B]
+            return None, self.position_embedding.weight.new_zeros(())
+        ids, n_valid = unique_interests(interest_ids)                    # [B, Qv], [B] (host)
         b, qv = ids.shape
         full_len = item_seq.shape[1] if pad_len is None else pad_len
         has_zero = (item_seq_len < full_len).long()                      # a padded item gives id 0
@@ -217,7 +238,7 @@ class MISSRec(SeqTransformer):
         # The encoder's inputs are rows of the interest table, so the first layer's
         # in-projection is computed once per distinct interest of the batch and gathered (exact).
         used, ids_in_used = torch.unique(ids, return_inverse=True)      # [U], [B, width]
-        used_rows = interest_table.index_select(0, used)                 # [U, H]
+        used_rows = interest_table.index_select(0, to_device(used, device))   # [U, H]
         qkv = (F.linear(used_rows, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
                if len(layers) else None)                                 # [U, 3H]
         memory = self._encode_in_buckets(used_rows, qkv, ids_in_used, n_valid, active, key_mask)  # [T, H]
@@ -232,17 +253,19 @@ class MISSRec(SeqTransformer):
         one_draw = draws and not widened                                 # the other draws: _other_pad_draws
         stands_for = n_pad.clamp(max=1) if one_draw else n_pad          # PAD outputs the computed ones stand for
         coef[is_pad] *= (stands_for.float() / pads.float())[row[is_pad]]
-        pooled = memory.new_zeros(b, memory.shape[1]).index_add(0, row, memory * coef.unsqueeze(1))
+        pooled = memory.new_zeros(b, memory.shape[1]).index_add(
+            0, to_device(row, device), memory * to_device(coef, device).unsqueeze(1))
         if one_draw:
-            pooled = pooled + w[:, None] * self._other_pad_draws(used, used_rows, qkv, ids_in_used[:, :qv],
-                                                                 n_valid, n_pad - 1)
+            pooled = pooled + to_device(w, device)[:, None] * self._other_pad_draws(
+                used, used_rows, qkv, ids_in_used[:, :qv], n_valid, n_pad - 1)
         reg = (pooled * pooled).sum() / pooled.shape[1]
 
         # the decoder's memory: valid slots and the first PAD slot of each row
         keep = active & (slot[None, :] <= n_valid[:, None])
         if not bool(keep.equal(active)):
-            memory = memory.index_select(0, (active.reshape(-1).long().cumsum(0) - 1)[keep.reshape(-1)])
-        return (memory, Packer(keep[:, :qv + 1]), key_mask[:, :qv + 1]), reg
+            memory = memory.index_select(0, to_device((active.reshape(-1).long().cumsum(0) - 1)[keep.reshape(-1)],
+                                                      device))
+        return (memory, Packer(keep[:, :qv + 1], device), to_device(key_mask[:, :qv + 1], device)), reg
 
     def _independent_pad_draws(self):
         """True when the PAD slots' dropout draws must each be computed (SPEC 3.2 step 4)."""
@@ -255,6 +278,7 @@ class MISSRec(SeqTransformer):
     def _other_pad_draws(self, used, used_rows, qkv, ids_in_used, n_valid, counts):
         """[B, H] per row, the sum of `counts` more PAD slot outputs of a one-layer encoder,
         each with its own dropout draws; rows grouped by their number of keys, like the encoder."""
+        device = used_rows.device
         pad = int(torch.searchsorted(used, used.new_zeros(())))          # the PAD interest among `used`
         out = used_rows.new_zeros(len(n_valid), used_rows.shape[1])
         for rows in interest_buckets(n_valid):
@@ -263,9 +287,9 @@ class MISSRec(SeqTransformer):
                 n = int(n_valid[rows].max())
                 key_mask = torch.arange(n, device=rows.device)[None, :] >= n_valid[rows, None]
                 sums = query_only_sums(self.trm_model.encoder.layers[0], self.trm_model.encoder.norm,
-                                       used_rows[pad], qkv, ids_in_used[rows, :n], key_mask, counts[rows],
-                                       self.training)
-                out = out.index_add(0, rows, sums)
+                                       used_rows[pad], qkv, to_device(ids_in_used[rows, :n], device),
+                                       to_device(key_mask, device), counts[rows], self.training)
+                out = out.index_add(0, to_device(rows, device), sums)
         return out
 
     def _encode_in_buckets(self, used_rows, qkv, ids_in_used, n_valid, active, key_mask):
@@ -275,14 +299,15 @@ class MISSRec(SeqTransformer):
         is `qkv[ids_in_used[b, j]]`. The groups of `interest_buckets` are encoded one by one,
         each padded to its own longest row: the attention then costs at most 4x the unpadded
         one instead of growing with the longest row of the batch."""
+        device = used_rows.device
         position = active.reshape(-1).long().cumsum(0) - 1               # packed index of each slot
         width = active.shape[1]
         outputs, targets = [], []
         for rows in interest_buckets(n_valid):
             q = int(active[rows].sum(1).max())
             sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
-            sub = Packer(sub_active)
-            idx = sub.pack(ids_in_used[rows, :q])                        # [t] rows of `used`
+            sub = Packer(sub_active, device)
+            idx = to_device(sub.pack(ids_in_used[rows, :q]), device)     # [t] rows of `used`
             # keys and values: a row's valid slots (its first n tokens); its PAD slots are
             # masked keys, so they are queries only
             n_rows = n_valid[rows]
@@ -290,13 +315,14 @@ class MISSRec(SeqTransformer):
             kv_mask = torch.arange(int(n_rows.max()), device=rows.device)[None, :] >= n_rows[:, None]
             key_index = ((counts.cumsum(0) - counts)[:, None]
                          + torch.arange(kv_mask.shape[1], device=rows.device)[None, :])[~kv_mask]
-            outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, sub_mask,
+            outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, to_device(sub_mask, device),
                                               None if qkv is None else qkv.index_select(0, idx),
-                                              keys=(key_index, Packer(~kv_mask), kv_mask)))
+                                              keys=(to_device(key_index, device), Packer(~kv_mask, device),
+                                                    to_device(kv_mask, device))))
             flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
             targets.append(position[flat])
         out = torch.cat(outputs)
-        return out.new_empty(out.shape).index_copy(0, torch.cat(targets), out)
+        return out.new_empty(out.shape).index_copy(0, to_device(torch.cat(targets), device), out)
 
     def _decoder_tokens(self, item_seq, item_seq_len, modal_emb, empty_masks):
         """Packed decoder inputs (SPEC 3.2 step 5) and the rows to read out (step 6)."""
@@ -316,31 +342,34 @@ class MISSRec(SeqTransformer):
                 out_pos = last[:, None] + l * torch.arange(len(self.modalities), device=last.device)[None]
         active = ~key_mask
         active[rows[:, None].expand_as(out_pos), out_pos] = True
-        packer = Packer(active)
+        device = self.position_embedding.weight.device
+        packer = Packer(active, device)
 
         # inputs of the active tokens only: features (+ ID) + position
-        flat = packer.index                                              # [T] into [B, M*L] or [B, L]
+        flat = packer.host_index                                         # [T] into [B, M*L] or [B, L]
         seq_pos = (flat // active.shape[1]) * l + flat % l               # [T] into [B, L]
+        seq_pos_dev = to_device(seq_pos, device)
         # index_select: its backward is a fast index_add (indexing's is a slow accumulate)
-        x = self.position_embedding.weight.index_select(0, seq_pos % l)     # [T, H]
+        x = self.position_embedding.weight.index_select(0, to_device(seq_pos % l, device))     # [T, H]
         if self.use_id:
-            x = x + self.item_embedding.weight.index_select(0, item_seq.reshape(-1)[seq_pos])
+            x = x + self.item_embedding.weight.index_select(0, to_device(item_seq.reshape(-1)[seq_pos], device))
         if contextual:
             modality = (flat % active.shape[1]) // l
             for i, m in enumerate(self.modalities):
                 table, index = modal_emb[m]
-                x = x + table.index_select(0, index.reshape(-1)[seq_pos]) * (modality == i).unsqueeze(1)
+                x = x + table.index_select(0, index.reshape(-1)[seq_pos_dev]) * to_device(modality == i,
+                                                                                          device).unsqueeze(1)
         else:
             for m in self.modalities:
                 table, index = modal_emb[m]
-                x = x + table.index_select(0, index.reshape(-1)[seq_pos])
+                x = x + table.index_select(0, index.reshape(-1)[seq_pos_dev])
         tokens = dropout(self.LayerNorm(x), self.dropout.p, self.training)   # [T, H]
 
         # position of each output token inside the packed tokens
         packed_index = active.reshape(-1).long().cumsum(0) - 1
-        query_rows = packed_index[(rows[:, None] * active.shape[1] + out_pos).reshape(-1)]
-        query_packer = Packer(torch.ones_like(out_pos, dtype=torch.bool))
-        return tokens, packer, key_mask, query_rows, query_packer, out_pos.shape[1]
+        query_rows = to_device(packed_index[(rows[:, None] * active.shape[1] + out_pos).reshape(-1)], device)
+        query_packer = Packer(torch.ones_like(out_pos, dtype=torch.bool), device)
+        return tokens, packer, to_device(key_mask, device), query_rows, query_packer, out_pos.shape[1]
 
     # --------------------------------------------------------------- item side
     def fused_logits(self, s, item_emb, item_ids=None):
@@ -370,15 +399,20 @@ class MISSRec(SeqTransformer):
 
     # ---------------------------------------------------------- fine-tuning API
     def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None, width_max=None):
-        modal_emb = {m: (tables[m], item_seq) for m in self.modalities}
-        empty = {m: getattr(self, f'{self._table_name(m)}_empty_mask')[item_seq] for m in self.modalities}
-        ids = self.interest_ids(item_seq) if self.modalities else None
+        """`seq_output` of fine-tuning: item_seq, item_seq_len on the host, tables {m: [N, H]}."""
+        device = self.position_embedding.weight.device
+        modal_emb = {m: (tables[m], to_device(item_seq, device)) for m in self.modalities}
+        contextual = self.seq_mm_fusion == 'contextual'
+        lookups, empty_tables = self.host_tables(empty_masks=contextual)
+        empty = {m: empty_tables[m][item_seq] for m in empty_tables}
+        ids = self.interest_ids(item_seq, lookups) if self.modalities else None
         table = self.interest_embeddings if self.modalities else None
         return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, table, pad_len, width_max)
 
     def _all_item_logits(self, batch, width_max=None):
         tables = self.adapted_tables()                                   # [N, H] per modality
-        s, reg = self.finetune_seq_output(batch['item_seq'], batch['item_seq_len'], tables,
+        host = batch.get('host', batch)
+        s, reg = self.finetune_seq_output(host['item_seq'], host['item_seq_len'], tables,
                                           batch.get('pad_len'), width_max)
         item_emb = dict(tables)
         if self.use_id:
@@ -398,18 +432,20 @@ class MISSRec(SeqTransformer):
             batch: a batch of data/loader.py (fine-tuning) or data/pretrain.py (pre-training).
             gather: None when the batch stands alone. Otherwise the batch is this process's
                 share of a global batch and gather(x) -> (x of all processes, offset of these
-                rows) (`distributed.all_gather_with_grad`): the means run over the global batch,
-                pre-training draws its contrastive candidates from all of it, and the losses
-                of all processes sum to the loss of the global batch.
+                rows) (`distributed.all_gather_with_grad`): the means run over the global batch
+                (`batch['global_rows']` rows), pre-training draws its contrastive candidates from
+                all of it, and the losses of all processes sum to the loss of the global batch.
             parts: also return the weighted terms, detached, that sum to the loss.
         Returns:
             scalar loss, or (loss, {term: scalar}) with `parts`: 'seq_item', 'lambda*seq_seq' and
             'gamma*reg' in pre-training, 'ce' and 'gamma*reg' in fine-tuning.
         """
-        n = len(batch['item_id']) if gather is None else len(gather(batch['item_id'])[0])
+        n = len(batch['item_id']) if gather is None else batch['global_rows']
         if self.train_stage == 'pretrain':
-            batch = dict(batch, interest_ids=self.interest_ids(batch['item_seq']),
-                         interest_ids_aug=self.interest_ids(batch['modal_seq_aug']))
+            host = batch.get('host', batch)
+            lookups, _ = self.host_tables()
+            batch = dict(batch, interest_ids=self.interest_ids(host['item_seq'], lookups),
+                         interest_ids_aug=self.interest_ids(host['modal_seq_aug'], lookups))
             seq_item, seq_seq, reg = self.pretrain_losses(batch, self.interest_embeddings, gather)
             seq_item, seq_seq = seq_item.sum(), seq_seq.sum()
             loss = (seq_item + self.lam * seq_seq) / n + self.gamma * reg
@@ -428,9 +464,7 @@ class MISSRec(SeqTransformer):
     def _width_max(gather):
         """x -> the largest x over the processes sharing a global batch (None: this batch alone).
         The regulariser's padded width is that of the whole batch, as with one process."""
-        if gather is None:
-            return None
-        return lambda x: int(gather(torch.tensor([x]))[0].max())
+        return None if gather is None else max_over_ranks
 
     def full_sort_predict(self, batch):
         """Scores [B, N] of every item (column 0 is the PAD item)."""
@@ -442,8 +476,8 @@ class MISSRec(SeqTransformer):
 
         Args:
             batch: dict of `data.pretrain.build_batch` (features of the batch's distinct items),
-                with the interest ids `interest_ids` / `interest_ids_aug` [B, M*L] that
-                `calculate_loss` looks up.
+                with the interest ids `interest_ids` / `interest_ids_aug` [B, M*L] (on the host)
+                that `calculate_loss` looks up.
             interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
             gather: x [b, ...] -> (x of the whole global batch [B, ...], offset of these rows);
                 None = this batch alone (one process, or `contrastive_negatives: local`).
@@ -452,16 +486,17 @@ class MISSRec(SeqTransformer):
         """
         width_max = self._width_max(gather)
         gather = gather or (lambda x: (x, 0))
+        host = batch.get('host', batch)
         tables = {m: self.adaptor(m)(batch['feat'][m]) for m in self.modalities}          # [R, H]
-        s, reg = self.seq_output(batch['item_seq'], batch['item_seq_len'],
+        s, reg = self.seq_output(host['item_seq'], host['item_seq_len'],
                                  {m: (tables[m], batch['index'][m]) for m in self.modalities},
-                                 batch['empty'], batch['interest_ids'], interest_table, batch['pad_len'], width_max)
+                                 host['empty'], batch['interest_ids'], interest_table, batch['pad_len'], width_max)
         aug_tables = dict(tables)
         if 'text_aug' in batch['feat']:   # word drop: rows R.. hold the word-dropped text features
             aug_tables['text'] = torch.cat([tables['text'], self.text_adaptor(batch['feat']['text_aug'])])
-        s_aug, reg_aug = self.seq_output(batch['item_seq_aug'], batch['item_seq_len_aug'],
+        s_aug, reg_aug = self.seq_output(host['item_seq_aug'], host['item_seq_len_aug'],
                                          {m: (aug_tables[m], batch['index_aug'][m]) for m in self.modalities},
-                                         batch['empty_aug'], batch['interest_ids_aug'], interest_table,
+                                         host['empty_aug'], batch['interest_ids_aug'], interest_table,
                                          batch['pad_len'], width_max)
         # sequence-item: the in-batch target items are the candidates
         items = {m: gather(tables[m].index_select(0, batch['target_index']))[0] for m in self.modalities}

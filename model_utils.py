@@ -21,15 +21,25 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
-class Packer:
-    """Moves between padded [B, L, C] tensors and packed [T, C] rows of `mask`."""
+def to_device(x, device):
+    """An index tensor made on the host, on `device` (without waiting for the device's queue)."""
+    return x.to(device, non_blocking=True)
 
-    def __init__(self, mask):
+
+class Packer:
+    """Moves between padded [B, L, C] tensors and packed [T, C] rows of `mask`.
+
+    `mask` lives on the host: the positions are found there (no GPU stall) and copied to
+    `device` (default: the mask's). `host_index` / `index`: [T] flat positions on each."""
+
+    def __init__(self, mask, device=None):
         self.shape = mask.shape                                       # (B, L)
-        self.index = mask.reshape(-1).nonzero().squeeze(1)            # [T]
+        self.host_index = mask.reshape(-1).nonzero().squeeze(1)       # [T]
+        self.index = self.host_index if device is None else to_device(self.host_index, device)
 
     def pack(self, x):
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+        index = self.index if x.device == self.index.device else self.host_index
+        return x.reshape(-1, *x.shape[2:]).index_select(0, index)
 
     def unpack(self, t):
         b, l = self.shape
@@ -43,8 +53,8 @@ def _uniform_draws_bernoulli():
     and compares it with p (its serial kernel; builds that use MKL's generator differ)."""
     g = torch.Generator()
     for n, p in ((7, 0.5), (5000, 0.8), (300, 0.1)):
-        a = torch.empty(n).bernoulli_(p, generator=g.manual_seed(n))
-        b = torch.empty(n, dtype=torch.float64).uniform_(generator=g.manual_seed(n)) < p
+        a = torch.empty(n, device='cpu').bernoulli_(p, generator=g.manual_seed(n))
+        b = torch.empty(n, dtype=torch.float64, device='cpu').uniform_(generator=g.manual_seed(n)) < p
         if not torch.equal(a.bool(), b):
             return False
     return True
@@ -107,9 +117,28 @@ def attention(mha, q_tokens, q_packer, kv_tokens, kv_packer, key_padding_mask, t
     q, k, v = (_heads(t, mha.num_heads) for t in (q, k, v))
     allowed = ~key_padding_mask[:, None, None, :]                      # [B, 1, 1, Lk]
     p = mha.dropout if training else 0.0
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+    ctx = head_padded_attention(q, k, v, allowed, p, pad_heads(q))
     ctx = ctx.transpose(1, 2).reshape(q.shape[0], -1, h)               # [B, Lq, H]
     return F.linear(q_packer.pack(ctx), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def pad_heads(q):
+    """The head width to pad to: on CUDA a multiple of 8, which the fused attention kernels need
+    (hidden size 300 with 4 heads has width 75 and would take the slow math kernel); else none."""
+    d = q.shape[-1]
+    return -(-d // 8) * 8 if q.is_cuda and d % 8 else d
+
+
+def head_padded_attention(q, k, v, allowed, dropout_p, width):
+    """`scaled_dot_product_attention` with q, k, v [B, nh, L, d] zero-padded to head width `width`:
+    the padded columns add 0 to every score and give output columns that are cut off again, and
+    the scale stays 1 / sqrt(d)."""
+    d = q.shape[-1]
+    if width == d:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+    q, k, v = (F.pad(t, (0, width - d)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=d ** -0.5)
+    return out[..., :d]
 
 
 class _Halves(torch.autograd.Function):
@@ -204,9 +233,9 @@ def _bernoulli_keep(shape, p, like):
     if like.device.type != 'cpu':
         return torch.empty(shape, device=like.device).bernoulli_(1 - p).bool()
     if level != int(level):
-        return torch.rand(shape) < 1 - p
+        return torch.rand(shape, device='cpu') < 1 - p
     n = math.prod(shape)
-    words = torch.empty((n + 7) // 8, dtype=torch.int64).random_(-2 ** 63, None)   # 64 random bits each
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device='cpu').random_(-2 ** 63, None)   # 64 random bits each
     return (words.view(torch.uint8)[:n] < int(level)).view(shape)
 
 
@@ -233,7 +262,7 @@ def _query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training)
     slots = int(counts.max())
     weights = probs.reshape(r, 1, nh * n).expand(r, slots, nh * n)
     att = torch.bmm(_drop(weights, mha.dropout, training), wv)                              # [R, slots, H]
-    packer = Packer(torch.arange(slots, device=counts.device)[None, :] < counts[:, None])
+    packer = Packer(torch.arange(slots, device=counts.device)[None, :] < counts[:, None], x.device)
     y = layer.norm1(x + _drop(packer.pack(att) + mha.out_proj.bias, layer.dropout1.p, training))
     ffn = layer.linear2(_drop(layer.activation(layer.linear1(y)), layer.dropout.p, training))
     y = norm(layer.norm2(y + _drop(ffn, layer.dropout2.p, training)))                       # [S, H]
@@ -254,7 +283,7 @@ def query_only_sums(layer, norm, x, qkv, key_index, key_mask, counts, training, 
         layer: nn.TransformerEncoderLayer (post-norm); norm: the encoder's final norm.
         x: [H] the token; qkv: [U, 3H] in-projection of the key tokens.
         key_index: long [R, n] rows of qkv that are row r's keys; key_mask: bool [R, n] True = no key.
-        counts: long [R] draws per row (at least 1).
+        counts: long [R] draws per row (at least 1), on the host.
         recompute: False keeps the activations for backward instead.
     Returns:
         [R, H] per-row sums of the draws' outputs.

@@ -29,12 +29,12 @@ from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
 from missrec import MISSRec
 from sasrec import Pop, SASRec, TextSim
-from trainer import Pretrainer, Trainer, claim_run_id, init_logger, init_seed, start_logging
+from trainer import DiscoveryFailed, Pretrainer, Trainer, claim_run_id, init_logger, init_seed, start_logging
 
 logger = logging.getLogger(__name__)
 
 # what stops a run with one line (bad input, a NaN); anything else is a bug and shows its traceback
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, FileExistsError, DiscoveryFailed)
 
 
 # ---------------------------------------------------------------- command line

@@ -131,7 +131,7 @@ class SASRec(nn.Module):
         """Cross-entropy over all N items (mean over the global batch when `gather` is given)."""
         logits = self.full_sort_predict(batch)
         loss = F.cross_entropy(logits, batch['item_id'], reduction='sum')
-        n = len(batch['item_id']) if gather is None else len(gather(batch['item_id'])[0])
+        n = len(batch['item_id']) if gather is None else batch['global_rows']
         return loss / n
 
     def full_sort_predict(self, batch):

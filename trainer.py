@@ -16,8 +16,10 @@ The log lines follow the original's, so logs compare line by line:
     hit@10 : 0.127    hit@50 : 0.2507    ndcg@10 : 0.067    ndcg@50 : 0.0934
 """
 import ctypes
+import functools
 import logging
 import logging.handlers
+import math
 import os
 import random
 import secrets
@@ -202,7 +204,8 @@ class _Loop:
         self.epoch_parts = {}   # the epoch's sums of the loss terms (tensors: read once, at its end)
         if D.is_dist() and synced:   # wrap once: train through the wrapper, save `model` (interest discovery broadcasts
             # the tables; the search for unused parameters costs a graph walk per step: only when needed)
-            self.loss = DistributedDataParallel(self.loss, device_ids=[device] if device.type == 'cuda' else None,
+            # (no device_ids: DDP would move the batch's host tensors, which stay on the host, to the GPU)
+            self.loss = DistributedDataParallel(self.loss, device_ids=None,
                                                 broadcast_buffers=False,
                                                 find_unused_parameters=has_unused_parameters(model))
         self.start_epoch = 0
@@ -278,8 +281,18 @@ class _Loop:
     # ---------------------------------------------------------------- training
     def step(self, batch):
         """Forward, backward and optimiser step of one batch; returns the loss of the global batch."""
+        value = self._step(batch)
+        if not torch.isfinite(value):   # the same value on every rank: all of them stop
+            raise FloatingPointError(f'training loss is {value.item()}')
+        return value.item()
+
+    def _step(self, batch):
+        """`step` without reading the loss on the host: returns it as a tensor (no GPU stall)."""
         # forward
-        loss = self.loss(to_device(batch, self.device), self.gather)
+        gather = self.gather
+        if gather is not None:   # every rank's share of the global batch is known: no sizes to exchange
+            gather = functools.partial(gather, sizes=D.share_sizes(batch['global_rows']))
+        loss = self.loss(to_device(batch, self.device), gather)
         if self.loss_parts:
             loss, parts = loss
             for k, v in parts.items():
@@ -289,31 +302,40 @@ class _Loop:
             value /= D.world_size()
         else:   # shares of the global batch loss; DDP averages gradients over the W processes
             loss = loss * D.world_size()
-        if not torch.isfinite(value):   # the same value on every rank: all of them stop
-            raise FloatingPointError(f'training loss is {value.item()}')
         # step
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
         self.optimizer.step()
-        return value.item()
+        return value
 
     def train_epoch(self, batches, epoch):
-        """One pass over `batches` (shuffled for `epoch`); returns the sum of the batch losses."""
+        """One pass over `batches` (shuffled for `epoch`); returns the sum of the batch losses.
+
+        The losses are read on the host every `loss_read_step` batches, all at once (on a GPU each
+        read waits for the queued work). A non-finite loss stops training then, naming its batch."""
         self.model.train()
         batches.set_epoch(epoch)
         self.epoch_parts = {}
-        total = 0.0
+        total, pending = 0.0, []
         trim = HeapTrimmer()
         it = tqdm(batches, desc=f'Train {epoch:>5}', ncols=100) if self.show_progress else batches
         for i, batch in enumerate(it):
-            try:
-                total += self.step(batch)
-            except FloatingPointError as e:
-                raise FloatingPointError(f'{e} at epoch {epoch}, batch {i}; '
-                                         f'the last good checkpoint is {self.last_good()}') from None
+            pending.append(self._step(batch))
+            if len(pending) == self.config['loss_read_step']:
+                total = self._read_losses(pending, total, epoch, i)
+                pending = []
             trim()
+        return self._read_losses(pending, total, epoch, i) if pending else total
+
+    def _read_losses(self, pending, total, epoch, last):
+        """Adds the losses of batches last - len(pending) + 1 .. last to `total`, in order."""
+        for j, value in enumerate(torch.stack(pending).tolist()):
+            if not math.isfinite(value):   # the same value on every rank: all of them stop
+                raise FloatingPointError(f'training loss is {value} at epoch {epoch}, batch {last - len(pending) + 1 + j}; '
+                                         f'the last good checkpoint is {self.last_good()}')
+            total += value
         return total
 
     def _fit_epoch(self, batches, epoch):
@@ -333,7 +355,7 @@ class _Loop:
 
     def resume(self, path, expected, required=()):
         """Continue after the epoch that the checkpoint `path` finished; returns the checkpoint."""
-        ckpt = resume_from(path, self.model, self.optimizer, self.device, expected, required)
+        ckpt = resume_from(path, self.model, self.optimizer, expected, required)
         self.start_epoch = ckpt['epoch'] + 1
         logger.info(f'Loading checkpoint {path}: resuming at epoch {self.start_epoch}')
         return ckpt
@@ -449,7 +471,7 @@ class Trainer(_Loop):
 
     def load_best(self):
         """Reload the best checkpoint, buffers included (no new interest discovery)."""
-        ckpt = load_checkpoint(self.saved_model_file, map_location=self.device)
+        ckpt = load_checkpoint(self.saved_model_file)
         self.model.load_state_dict(state_dict_of(ckpt, self.saved_model_file))
         logger.info(f'Loading model structure and parameters from {self.saved_model_file}')
 

@@ -52,23 +52,34 @@ class SeqBatches:
     def __iter__(self):
         for _, rows in self.global_batches():
             mine = rows[self.rank::self.world_size]
-            yield self.batch(mine) if len(mine) else dict(self.batch(rows[:1]), dummy=True)
+            yield self.batch(mine, len(rows)) if len(mine) else dict(self.batch(rows[:1], len(rows)), dummy=True)
 
-    def batch(self, rows):
+    def batch(self, rows, global_rows=None):
+        """The batch of `rows`; `global_rows` (int) counts the rows of the global batch they belong to."""
         lengths = self.split['item_seq_len'][rows]
         width = max(int(lengths.max()), 1) if len(rows) else 1
         out = {'item_seq': self.split['item_seq'][rows, :width],
                'item_seq_len': lengths,
-               'item_id': self.split['item_id'][rows]}
+               'item_id': self.split['item_id'][rows],
+               'global_rows': len(rows) if global_rows is None else global_rows}
         if self.pad_len is not None:
             out['pad_len'] = self.pad_len
         return out
 
 
 def to_device(batch, device):
-    """A batch (a dict of tensors, nested dicts included) on `device`."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
+    """A batch (a dict of tensors, nested dicts included) on `device`. Off the CPU the batch as it
+    was stays under 'host': the model plans its shapes and positions from it without waiting
+    for the device."""
+    out = _moved(batch, device)
+    if isinstance(batch, dict) and torch.device(device).type != 'cpu':
+        out['host'] = batch
+    return out
+
+
+def _moved(x, device):
+    if torch.is_tensor(x):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _moved(v, device) for k, v in x.items()}
+    return x

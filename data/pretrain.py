@@ -122,9 +122,9 @@ class PretrainDataset:
         self.empty = {m: ~self.tables[m].sum(-1).bool() for m in self.modalities}
 
     def to(self, device):
-        """Move the feature tables (not the rows) to `device`."""
+        """Move the feature tables to `device` (the rows and the modality-missing masks stay on the
+        host, where batches are planned)."""
         self.tables = {k: t.to(device) for k, t in self.tables.items()}
-        self.empty = {k: t.to(device) for k, t in self.empty.items()}
         return self
 
     def __str__(self):
@@ -210,39 +210,44 @@ class PretrainBatches(SeqBatches):
                  'item_id': self.split['item_id'][rows][mine],
                  'item_seq_aug': aug['item_seq_aug'][mine], 'item_seq_len_aug': aug['item_seq_len_aug'][mine],
                  'word_mask': None if aug['word_mask'] is None else aug['word_mask'][mine]}
-        return build_batch(self.dataset, local, aug['mode'], self.quirk)
+        return dict(build_batch(self.dataset, local, aug['mode'], self.quirk), global_rows=len(rows))
 
 
 def build_batch(dataset, b, mode, quirk):
     """Model inputs of a batch: features of its distinct items and indices into them.
 
     Returns a dict with item_seq/_len, item_seq_aug/_len_aug, item_id [B], pad_len,
+    (PretrainBatches adds global_rows, the rows of the global batch),
     feat {m: [R, D]} (+ 'text_aug' for word drop), index / index_aug {m: long [B, L]}
     into the adapted tables (word drop: text rows >= R are the feat2CLS rows),
     target_index [B], empty / empty_aug {m: bool [B, L]}, and modal_seq_aug {m: long
     [B, L]}: the item sequence of each modality's augmented side, whose interests the
     model looks up.
+
+    Everything but the features is made on the host (the trainer moves it); the features are
+    gathered where the dataset's tables are.
     """
     dev = next(iter(dataset.tables.values())).device
-    seq, seq_aug, target = (b[k].to(dev).contiguous() for k in ('item_seq', 'item_seq_aug', 'item_id'))
+    seq, seq_aug, target = (b[k].contiguous() for k in ('item_seq', 'item_seq_aug', 'item_id'))
     uniq = torch.unique(torch.cat([seq.reshape(-1), seq_aug.reshape(-1), target,
-                                   torch.zeros(1, dtype=torch.long, device=dev)]))     # [R] sorted
+                                   torch.zeros(1, dtype=torch.long, device='cpu')]))   # [R] sorted
     r = len(uniq)
+    rows = uniq.to(dev, non_blocking=True)
     idx, idx_aug = torch.searchsorted(uniq, seq), torch.searchsorted(uniq, seq_aug)   # [B, L]
     # the original keeps the un-augmented image side after an item drop (QUIRK)
     img_seq_aug = seq if (mode == 'item' and quirk) else seq_aug
-    out = {'item_seq': seq, 'item_seq_len': b['item_seq_len'].to(dev), 'item_id': target,
-           'item_seq_aug': seq_aug, 'item_seq_len_aug': b['item_seq_len_aug'].to(dev),
+    out = {'item_seq': seq, 'item_seq_len': b['item_seq_len'], 'item_id': target,
+           'item_seq_aug': seq_aug, 'item_seq_len_aug': b['item_seq_len_aug'],
            'pad_len': dataset.pad_len, 'target_index': torch.searchsorted(uniq, target),
-           'feat': {m: dataset.tables[m][uniq] for m in dataset.modalities},
+           'feat': {m: dataset.tables[m][rows] for m in dataset.modalities},
            'index': {}, 'index_aug': {}, 'empty': {}, 'empty_aug': {}, 'modal_seq_aug': {}}
     for m in dataset.modalities:
         out['index'][m] = idx
         out['empty'][m] = dataset.empty[m][seq]
         if m == 'text':
             if mode == 'word':
-                out['feat']['text_aug'] = dataset.tables['text_aug'][uniq]
-                out['index_aug'][m] = idx + r * b['word_mask'].to(dev).long()
+                out['feat']['text_aug'] = dataset.tables['text_aug'][rows]
+                out['index_aug'][m] = idx + r * b['word_mask'].long()
             else:
                 out['index_aug'][m] = idx_aug
             out['empty_aug'][m] = dataset.empty[m][seq_aug]

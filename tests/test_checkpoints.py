@@ -253,7 +253,7 @@ def test_a_checkpoint_resumes_model_optimizer_random_states_and_extra_state(tmp_
     assert not [p for p in os.listdir(tmp_path) if p != 'c.pth']  # the temporary file is gone
 
     _, other, other_opt = tiny_model(1)
-    ckpt = resume_from(path, other, other_opt, torch.device('cpu'), 'a test checkpoint')
+    ckpt = resume_from(path, other, other_opt, 'a test checkpoint')
     assert ckpt['epoch'] == 4 and ckpt['cur_step'] == 2 and ckpt['best_valid_score'] == 0.5
     assert ckpt['config']['hidden_size'] == 16 and len(ckpt['rng_states']) == 1
     for k, v in model.state_dict().items():
@@ -264,14 +264,30 @@ def test_a_checkpoint_resumes_model_optimizer_random_states_and_extra_state(tmp_
     assert (random.random(), float(np.random.rand())) == after[:2] and torch.equal(torch.rand(3), after[2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_resuming_on_a_gpu_keeps_adam_step_counters_on_the_host(tmp_path):
+    """Read on the CPU: the moments go to the parameters' GPU, the step counters stay on the host
+    (on the GPU, Adam would read each of them back every step)."""
+    cfg, model, opt = tiny_model(0)
+    model.text_adaptor(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / 'c.pth', cfg, 0, model, opt)
+    _, other, _ = tiny_model(1)
+    other = other.cuda()
+    other_opt = torch.optim.Adam(other.parameters(), lr=0.1)
+    resume_from(tmp_path / 'c.pth', other, other_opt, 'a test checkpoint')
+    state = list(other_opt.state.values())
+    assert state and all(s['step'].device.type == 'cpu' and s['exp_avg'].is_cuda for s in state)
+
+
 def test_resuming_from_what_is_no_checkpoint_of_the_stage_is_named(tmp_path):
     cfg, model, opt = tiny_model(0)
     torch.save({'state_dict': model.state_dict()}, tmp_path / 'weights.pth')
     with pytest.raises(CheckpointError, match=r'weights\.pth: not a checkpoint to resume from \(expected X\)'):
-        resume_from(tmp_path / 'weights.pth', model, opt, torch.device('cpu'), 'X')
+        resume_from(tmp_path / 'weights.pth', model, opt, 'X')
     save_checkpoint(tmp_path / 'pre.pth', cfg, 0, model, opt)
     with pytest.raises(CheckpointError, match='expected a fine-tuning one'):
-        resume_from(tmp_path / 'pre.pth', model, opt, torch.device('cpu'), 'a fine-tuning one',
+        resume_from(tmp_path / 'pre.pth', model, opt, 'a fine-tuning one',
                     required=('best_model_file',))
 
 
@@ -285,7 +301,7 @@ def test_random_states_of_another_number_of_processes_are_not_restored(tmp_path,
     expected = torch.rand(2)
     torch.manual_seed(3)
     with caplog.at_level('WARNING'):
-        resume_from(tmp_path / 'two.pth', model, opt, torch.device('cpu'), 'X')
+        resume_from(tmp_path / 'two.pth', model, opt, 'X')
     assert torch.equal(torch.rand(2), expected)                   # this process's stream kept
     assert 'written by 2 processes, now 1: random states not restored' in caplog.text
 

@@ -189,6 +189,31 @@ def test_a_failing_rank_stops_the_job_with_its_error(capfd):
     assert 'rank 1 failed:' in err and 'ValueError: rank 1 fails on purpose' in err   # ... and its error shown
 
 
+def _discovery_fails_on_rank_0(index, nproc, port, data):
+    """Rank 0's interest discovery runs out of memory (any error but a FloatingPointError)."""
+    import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError('CUDA out of memory (simulated)')
+    trainer.discover_interests = out_of_memory
+    config = pretrain_config(data)
+    D.run_as_rank(index, nproc, port, quick_start.process_main, lambda c, r: Pretrainer(c, PretrainDataset(c),
+                  torch.device('cpu')).discover(0), config)
+
+
+def test_a_failed_interest_discovery_stops_every_rank_at_once(data, capfd):
+    """Rank 1 used to wait for rank 0's tables in a broadcast until the timeout (30 minutes);
+    now it stops with rank 0's error in one line, and rank 0 shows its traceback."""
+    start = time.time()
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)):
+        spawn(_discovery_fails_on_rank_0, 2, data)
+    assert time.time() - start < 60
+    err = capfd.readouterr().err
+    assert ('error (rank 1): interest discovery before epoch 0 failed on rank 0: RuntimeError: '
+            'CUDA out of memory (simulated)') in err
+    assert 'rank 0 failed:' in err and 'RuntimeError: CUDA out of memory (simulated)' in err
+
+
 def test_cli_two_cpu_processes(data, tmp_path):
     cmd = [sys.executable, 'ddp_pretrain.py', '--nproc', '2', '-d', 'DemoPT', f"--data_path={data['pre']}",
            '--use_gpu=False', '--pretrain_epochs=1', '--save_step=1', '--train_batch_size=128',
