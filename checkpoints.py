@@ -32,7 +32,12 @@ runs pickled code:
   classes, the `torch._utils._rebuild_*` functions, `collections.OrderedDict`,
   `torch.device`, `torch.Size`, `_codecs.encode`, ...);
 * numpy scalars and arrays (`numpy[._]core.multiarray.scalar`/`_reconstruct`,
-  `numpy.dtype`, `numpy.ndarray`).
+  `numpy.dtype`, `numpy.ndarray`);
+* `builtins.getattr` only as early Python 3.11 releases (3.11.2, Debian 12's,
+  among them) pickle Enum members, `getattr(<RecBole enum>, 'MEMBER')` (Python
+  <= 3.10, 3.11.7 and 3.12 pickle them by value, `<RecBole enum>(value)`): it
+  resolves to a function that accepts only a RecBole enum stand-in and a member
+  name, and never calls the builtin.
 
 Any other global raises `UnsafeCheckpointError` (an `UnpicklingError`) that
 names it, and so does setting state on a class or function (BUILD), which could
@@ -105,6 +110,15 @@ class EnumStandIn:
         self.value = value
         self.name = self._members.get(value, str(value))
 
+    @classmethod
+    def _from_name(cls, name):
+        """The member called `name` (pickled by name, as early Python 3.11 releases do); a name that
+        the table does not know keeps the name as its value."""
+        values = [v for v, n in cls._members.items() if n == name]
+        member = cls(values[0] if values else name)
+        member.name = name
+        return member
+
     def __eq__(self, other):
         return (isinstance(other, EnumStandIn) and (self._enum, self.value) == (other._enum, other.value))
 
@@ -133,6 +147,37 @@ class GlobalRef:
 
     def __repr__(self):
         return f'<reference to {self}>'
+
+
+def _enum_member(*args):
+    """What the unpickler calls for `builtins.getattr`. Early Python 3.11 releases (3.11.2 among
+    them) pickle Enum members by name, `getattr(EnumClass, 'MEMBER')`; 3.10 and earlier, 3.11.7 and
+    3.12 by value, `EnumClass(value)`. Only that pattern is accepted: two arguments, one of the
+    allow-listed RecBole enum stand-ins and a member name (a plain str). Nothing is looked up on any
+    object: the stand-in member is made from the name. Anything else is refused like an unlisted
+    global."""
+    if len(args) == 2:
+        cls, name = args
+        if (isinstance(cls, type) and cls in _enum_classes() and type(name) is str
+                and name.isidentifier() and not name.startswith('_')):
+            return cls._from_name(name)
+    raise UnsafeCheckpointError(
+        f"refusing to load global 'builtins.getattr' called on ({', '.join(map(_describe, args))}): "
+        "only getattr(<RecBole enum>, '<member name>'), as Python 3.11 pickles Enum members, is allowed")
+
+
+def _describe(obj):
+    """A short, safe description of an unpickled argument for a refusal message."""
+    if isinstance(obj, str):
+        return repr(obj[:40])
+    if isinstance(obj, type):
+        return f'class {obj.__module__}.{obj.__qualname__}'
+    return type(obj).__name__
+
+
+def _enum_classes():
+    allowed = allowed_globals()
+    return {allowed[f'recbole.utils.enum_type.{name}'] for name in _RECBOLE_ENUMS}
 
 
 def _recorded_class(module, name):
@@ -217,6 +262,9 @@ def allowed_globals():
             cls = _enum_class(name, members)
             allowed[f'recbole.utils.enum_type.{name}'] = cls
             allowed[f'recbole.utils.{name}'] = cls
+        # early Python 3.11 releases pickle Enum members as getattr(EnumClass, 'NAME'): a getattr that only
+        # makes members of the enum stand-ins above (_enum_member), never the builtin
+        allowed['builtins.getattr'] = _enum_member
         _ALLOWED = allowed
     return _ALLOWED
 

@@ -374,3 +374,133 @@ def test_interest_tables_of_the_pretrained_checkpoint_are_not_loaded(tmp_path):
     assert torch.equal(target.text_adaptor.weight, source.text_adaptor.weight)
     assert lines[-1] == ("interest tables of the checkpoint (rebuilt by interest discovery): "
                          "['interest_embeddings', 'plm_interest_lookup_table']")
+
+
+# --- original checkpoints pickled by other Pythons: Enum members by value or by name (getattr)
+# ModelType.SEQUENTIAL as Debian 12's Python 3.11.2 pickles it (pickle.dumps, protocols 2 and 4); Python
+# 3.10 and earlier, 3.11.7 and 3.12 write `ModelType(2)` instead
+PY3112_SEQUENTIAL = {
+    2: b'\x80\x02c__builtin__\ngetattr\nq\x00crecbole.utils.enum_type\nModelType\nq\x01X\n\x00\x00\x00SEQUENTIAL'
+       b'q\x02\x86q\x03Rq\x04.',
+    4: b'\x80\x04\x95Q\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x07getattr\x94\x93\x94\x8c\x17'
+       b'recbole.utils.enum_type\x94\x8c\tModelType\x94\x93\x94\x8c\nSEQUENTIAL\x94\x86\x94R\x94.',
+}
+BY_VALUE_SEQUENTIAL = {2: b'\x80\x02crecbole.utils.enum_type\nModelType\nq\x00K\x02\x85q\x01Rq\x02.'}
+
+
+def _by_name(self, proto):                   # Enum.__reduce_ex__ of Python 3.11.0 .. 3.11.2 (at least)
+    return getattr, (self.__class__, self._name_)
+
+
+def _by_value(self, proto):                  # Enum.__reduce_ex__ of Python <= 3.10, 3.11.7, 3.12
+    return self.__class__, (self._value_,)
+
+
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')
+@pytest.mark.parametrize('protocol', [2, 4])
+@pytest.mark.parametrize('python', ['3.10 / 3.11.7 / 3.12 (by value)', '3.11.2 (by name)'])
+def test_original_checkpoints_pickled_by_other_pythons_open(tmp_path, fake_recbole, python, protocol):
+    """An original checkpoint as each Python writes it: Enum members (by value or, as early 3.11 releases
+    do, by name through builtins.getattr) and the other standard types of the original's checkpoints."""
+    import enum
+    install, remove = fake_recbole
+    Config_, ModelType, InputType = install()
+    try:
+        EvaluatorType = enum.Enum('EvaluatorType', [('RANKING', 1), ('VALUE', 2)],
+                                  module='recbole.utils.enum_type')
+        sys.modules['recbole.utils.enum_type'].EvaluatorType = EvaluatorType
+        reduce = _by_name if 'by name' in python else _by_value
+        for cls in (ModelType, InputType, EvaluatorType):
+            cls.__reduce_ex__ = reduce
+        expected = (PY3112_SEQUENTIAL if 'by name' in python else BY_VALUE_SEQUENTIAL).get(protocol)
+        if expected:                         # the emulation writes exactly what that Python writes
+            assert pickle.dumps(ModelType.SEQUENTIAL, protocol=protocol) == expected
+        import missrec
+        state = collections.OrderedDict([('w', torch.randn(3, 2)), ('b', torch.arange(4))])
+        final = {'dataset': 'Scientific_mm_full', 'model': 'MISSRec', 'seed': 2020, 'reproducibility': True,
+                 'learning_rate': 0.001, 'topk': [10, 50], 'metrics': ['Recall', 'NDCG'],
+                 'valid_metric': 'NDCG@10',
+                 'eval_args': {'split': {'RS': [0.8, 0.1, 0.1]}, 'order': 'TO', 'mode': 'full'},
+                 'MODEL_TYPE': ModelType.SEQUENTIAL, 'MODEL_INPUT_TYPE': InputType.POINTWISE,
+                 'eval_type': EvaluatorType.RANKING, 'kinds': [ModelType.SEQUENTIAL, ModelType.GENERAL],
+                 'device': torch.device('cpu'), 'gpu_device': torch.device('cuda', 0),
+                 'interest_ratio': np.float64(0.5), 'n_items': np.int64(5), 'ids': np.arange(3),
+                 'weights': collections.OrderedDict(a=1), 'tags': {'x', 'y'}, 'pair': (1, 'a'),
+                 'raw': b'\x00\xffbytes', 'buf': bytearray(b'ab'), 'z': complex(1, 2), 'inf': float('inf'),
+                 'none': None, 'user_inter_num_interval': '[0,inf)'}
+        config = Config_(final)
+        config.model_class = missrec.MISSRec
+        config.yaml_loader = yaml.FullLoader
+        path = tmp_path / 'MISSRec-Scientific.pth'
+        torch.save({'config': config, 'epoch': 7, 'cur_step': 2, 'best_valid_score': np.float64(0.0671),
+                    'best_valid_result': collections.OrderedDict([('ndcg@10', np.float64(0.0671))]),
+                    'state_dict': state, 'other_parameter': None,
+                    'optimizer': {'state': {}, 'param_groups': [{'lr': 0.001, 'params': [0, 1]}]}},
+                   path, pickle_protocol=protocol)
+    finally:
+        remove()
+    ckpt = load_checkpoint(path)
+    assert 'recbole' not in sys.modules
+    cfg = ckpt['config']
+    assert cfg['MODEL_TYPE'] == 'ModelType.SEQUENTIAL' and cfg['MODEL_INPUT_TYPE'] == 'InputType.POINTWISE'
+    assert cfg['eval_type'] == 'EvaluatorType.RANKING'
+    assert cfg['kinds'] == ['ModelType.SEQUENTIAL', 'ModelType.GENERAL']
+    assert cfg['device'] == torch.device('cpu') and cfg['gpu_device'] == torch.device('cuda', 0)
+    assert float(cfg['interest_ratio']) == 0.5 and int(cfg['n_items']) == 5 and cfg['ids'].tolist() == [0, 1, 2]
+    assert cfg['weights'] == {'a': 1} and cfg['tags'] == {'x', 'y'} and cfg['pair'] == (1, 'a')
+    assert cfg['raw'] == b'\x00\xffbytes' and cfg['buf'] == bytearray(b'ab') and cfg['z'] == complex(1, 2)
+    assert cfg['inf'] == float('inf') and cfg['none'] is None and cfg['reproducibility'] is True
+    assert cfg['eval_args'] == final['eval_args'] and cfg['topk'] == [10, 50] and cfg['seed'] == 2020
+    assert ckpt['epoch'] == 7 and float(ckpt['best_valid_result']['ndcg@10']) == pytest.approx(0.0671)
+    assert all(torch.equal(ckpt['state_dict'][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_enum_members_pickled_by_name_equal_those_pickled_by_value(protocol):
+    by_name = checkpoints.restricted_pickle.loads(PY3112_SEQUENTIAL[protocol])
+    by_value = checkpoints.restricted_pickle.loads(BY_VALUE_SEQUENTIAL[2])
+    assert isinstance(by_name, checkpoints.EnumStandIn)
+    assert by_name == by_value and (by_name.name, by_name.value) == ('SEQUENTIAL', 2)
+    assert str(by_name) == 'ModelType.SEQUENTIAL'
+    # a member the table does not know (a later RecBole) keeps its name
+    newer = PY3112_SEQUENTIAL[2].replace(b'X\n\x00\x00\x00SEQUENTIAL', b'X\x05\x00\x00\x00NEWER')
+    assert str(checkpoints.restricted_pickle.loads(newer)) == 'ModelType.NEWER'
+
+
+def _u(text):
+    data = text.encode()
+    return b'X' + len(data).to_bytes(4, 'little') + data
+
+
+class _GetattrOnAnAllowedClass:
+    def __reduce__(self):
+        return getattr, (collections.OrderedDict, 'fromkeys')
+
+
+@pytest.mark.parametrize('target, args', [
+    (b'ccollections\nOrderedDict\n', _u('fromkeys') + b'\x86'),            # an allowed non-enum class
+    (b'ctorch\ndevice\n', _u('__init__') + b'\x86'),
+    (b'cmissrec\nMISSRec\n', _u('from_pretrained') + b'\x86'),             # a reference-only class
+    (b'crecbole.config.configurator\nConfig\n', _u('x') + b'\x86'),        # the recorded Config
+    (b'crecbole.utils.enum_type\nModelType\n', _u('__class__') + b'\x86'),   # private / dunder names
+    (b'crecbole.utils.enum_type\nModelType\n', _u('_from_name') + b'\x86'),
+    (b'crecbole.utils.enum_type\nModelType\n', b'K\x02\x86'),               # not a str
+    (b'crecbole.utils.enum_type\nModelType\n', _u('GENERAL') + _u('GENERAL') + b'\x87'),   # a default
+    (b'crecbole.utils.enum_type\nModelType\n', b'\x85'),                    # one argument
+    (_u('ModelType'), _u('GENERAL') + b'\x86'),                              # a str, not the class
+])
+def test_getattr_on_anything_else_is_refused(target, args):
+    data = b'\x80\x02c__builtin__\ngetattr\n' + target + args + b'R.'
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load global 'builtins.getattr'"):
+        checkpoints.restricted_pickle.loads(data)
+    assert not hasattr(collections.OrderedDict, 'GENERAL')
+
+
+def test_a_checkpoint_with_getattr_on_anything_else_is_refused_in_one_line(tmp_path):
+    path = tmp_path / 'getattr.pth'
+    torch.save({'config': {}, 'payload': _GetattrOnAnAllowedClass()}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: refusing to load global 'builtins.getattr'") and '\n' not in msg
+    assert 'collections.OrderedDict' in msg and "'fromkeys'" in msg
