@@ -147,3 +147,20 @@ def test_zero_shot_cli_logs_both_conventions_and_writes_nothing(demo, pretrained
         for convention in ('exact top-K', 'original top-K+1'):
             assert f'| {split} ({convention}) |' in printed
     assert list(os.walk(out)) == [(str(out), [], [])]
+
+
+@pytest.mark.parametrize('half', [False, True])
+def test_a_slimmed_checkpoint_evaluates_like_the_full_one(demo, pretrained, tmp_path, half):
+    """tools/slim_checkpoint.py: weights only (no optimiser, no random states), optionally float16;
+    `-p` takes it and the zero-shot metrics stay those of the full checkpoint (float16: within 0.0005)."""
+    from tools.slim_checkpoint import main as slim_main
+    slim = tmp_path / 'slim.pth'
+    assert slim_main([pretrained['trained'], str(slim)] + (['--half'] if half else [])) == 0
+    stored = torch.load(slim, weights_only=True)
+    assert set(stored) >= {'config', 'epoch', 'state_dict'} and 'optimizer' not in stored
+    assert (stored['state_dict']['text_adaptor.weight'].dtype == torch.float16) == half
+    assert os.path.getsize(slim) < os.path.getsize(pretrained['trained']) / (4 if half else 2)
+    full, small = (zero_shot(demo, p, 'inductive') for p in (pretrained['trained'], slim))
+    for split in ('valid', 'test'):
+        for metric, value in full[split][0].items():
+            assert small[split][0][metric] == pytest.approx(value, abs=5e-4 if half else 0), (split, metric)
