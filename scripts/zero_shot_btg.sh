@@ -11,8 +11,8 @@ MODES=${MODES:-original lloyd}
 LOG_DIR=${ZERO_SHOT_LOG_DIR:-log/zero_shot_btg}
 common=(-d Scientific_mini --data_path="${SCI_DATA:-../shared/datasets/downstream}" --plm_suffix=feat1MiniLM
         --plm_size=384 --modal_type=text --show_progress=False --log_dir="$LOG_DIR")
-test_line() {   # the markdown rows of the test split -> "R@10 N@10" per convention
-    grep -E '^\| test' | awk -F'|' '{printf "%s %s   ", $3, $5}'
+test_line() {   # the markdown rows of the test split (exact top-K, then top-K+1) -> "R@10 N@10" of each
+    grep -E '^\| ([A-Za-z]+ )?test \((exact|original)' | grep -v most-popular | awk -F'|' '{printf "%s %s   ", $3, $5}'
 }
 for ckpt in "$@"; do
     for kmeans in $MODES; do
