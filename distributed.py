@@ -95,7 +95,10 @@ def init_from_env(use_gpu=True, timeout_s=1800, group_of_one=False):
         torch.cuda.set_device(device)
     if not launched_by_torchrun() or (int(os.environ['WORLD_SIZE']) == 1 and not group_of_one) or is_dist():
         return device
-    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    # MISSREC_BACKEND=gloo: ranks that share one GPU (nccl refuses them; the GPU check uses it)
+    backend = os.environ.get('MISSREC_BACKEND') or ('nccl' if device.type == 'cuda' else 'gloo')
+    if backend not in ('nccl', 'gloo'):
+        raise ConfigError(f'MISSREC_BACKEND={backend!r}: expected nccl or gloo')
     timeout = datetime.timedelta(seconds=timeout_s)
     # torchrun's store outlives a restart of the workers (--max-restarts), and the keys of the
     # failed attempt (its processes' addresses) would be read again: one prefix per attempt

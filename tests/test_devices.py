@@ -48,7 +48,7 @@ class DevicelessFactories(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def shared_batch_gather(x):
+def shared_batch_gather(x, sizes=None):
     """What `distributed.all_gather_with_grad` returns to the only process of a group."""
     return x, 0
 
