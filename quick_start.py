@@ -13,7 +13,10 @@ anything; a bad input stops it with one line `error: ...` and exit code 2.
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 
 import torch
@@ -24,7 +27,7 @@ from checkpoints import (CheckpointError, check_writable, load_checkpoint, load_
                          state_dict_of)
 from config import MODELS, Config, ConfigError, parse_overrides, stage_files
 from curves import open_curves
-from data.dataset import DataError, SeqDataset
+from data.dataset import DataError, SeqDataset, dataset_folder
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
 from missrec import MISSRec
@@ -357,33 +360,181 @@ def pretrain(config, resume=''):
 def process_main(run, config, resume='', report=None):
     """One process of a run: the process group from the environment (torchrun, or `main`'s
     spawned processes), `run(config, resume)`, teardown; then `report(out)` on rank 0.
-    Returns the exit code: 2 after a USER_ERRORS exception, printed as one line."""
+    Returns the exit code: 2 after a USER_ERRORS exception, printed as one line; 130 after Ctrl-C
+    (SIGINT), with one line on rank 0 naming where the run stopped and the checkpoint to resume
+    from (`interrupted_line`)."""
+    ctrl_c = CtrlC()
     try:
-        D.select_gpus(config['gpu_id'], config['use_gpu'])   # under torchrun: before CUDA starts
-        device = D.init_from_env(config['use_gpu'])
-        if config['use_gpu'] and device.type == 'cpu' and D.is_main_process():
-            print('no CUDA device found: running on the CPU', file=sys.stderr)
-        if D.is_dist() and device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
-            torch.set_num_threads(D.cpu_threads())
-        out = run(config, resume)
-    except USER_ERRORS as e:
-        print(f'error (rank {D.rank()}): {e}' if D.is_dist() else f'error: {e}', file=sys.stderr)
-        return 2
-    except BaseException:
-        if D.is_dist():   # printed before the group goes down: the other ranks then fail with
-            # "connection reset", and the launcher may report that secondary error first
-            print(f'rank {D.rank()} failed:\n{traceback.format_exc()}', file=sys.stderr, flush=True)
-        raise
+        try:
+            D.select_gpus(config['gpu_id'], config['use_gpu'])   # under torchrun: before CUDA starts
+            device = D.init_from_env(config['use_gpu'])
+            if D.is_dist() and device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
+                torch.set_num_threads(D.cpu_threads())
+            out = run(config, resume)
+        except BaseException as e:
+            try:   # also a Ctrl-C still pending: another rank's interrupt can reach this one first as an error
+                interrupted = isinstance(e, KeyboardInterrupt) or ctrl_c.received()
+            except KeyboardInterrupt:
+                interrupted = True
+            if interrupted:
+                if D.is_main_process():
+                    print(interrupted_line(e, run, resume), file=sys.stderr, flush=True)
+                return 130
+            if isinstance(e, USER_ERRORS):
+                print(f'error (rank {D.rank()}): {e}' if D.is_dist() else f'error: {e}', file=sys.stderr)
+                return 2
+            if D.is_dist():   # printed before the group goes down: the other ranks then fail with
+                # "connection reset", and the launcher may report that secondary error first
+                print(f'rank {D.rank()} failed:\n{traceback.format_exc()}', file=sys.stderr, flush=True)
+            raise
+        finally:
+            D.teardown()
     finally:
-        D.teardown()
+        ctrl_c.restore()
     if report and (out['log'] or out.get('rank0')):          # the log path: rank 0 only
         report(out)
     return 0
 
 
+class CtrlC:
+    """Ctrl-C (SIGINT) during a run: the first raises KeyboardInterrupt as Python does, later ones
+    are only counted, so that the run's one line and its teardown are not cut short. Installed
+    only in the main thread and where Ctrl-C raises KeyboardInterrupt (an inherited 'ignore' stays)."""
+
+    def __init__(self):
+        self.count, self.armed, self.previous = 0, True, None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def received(self):
+        """Whether a Ctrl-C reached this process, one not yet handled included (taken now). A
+        caller guards against the KeyboardInterrupt that a pending one may raise on entry."""
+        self.armed = False
+        if hasattr(signal, 'pthread_kill'):
+            signal.pthread_kill(threading.get_ident(), 0)   # sends nothing; runs pending handlers
+        return self.count > 0
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def _interrupt_point(exc):
+    """(loop, epoch, batch, phase) where the run stopped, read off the traceback of `exc` (or of the
+    error it interrupted): the Trainer/Pretrainer and its loop variables; loop None before training."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        loop = epoch = batch = phase = None
+        tb = exc.__traceback__
+        while tb is not None:
+            frame, tb = tb.tb_frame, tb.tb_next
+            name, local = frame.f_code.co_name, frame.f_locals
+            owner = local.get('self')
+            if frame.f_code is finish.__code__:
+                loop, phase = local.get('trainer'), 'final'
+            elif isinstance(owner, (Trainer, Pretrainer)):
+                loop = owner
+                if name == 'fit':
+                    epoch = local.get('epoch')
+                elif name == 'train_epoch':
+                    # the batch in its step, or the next one when stopped between two batches
+                    inside = tb is not None and tb.tb_frame.f_code.co_name in ('_step', '_read_losses')
+                    batch = local['i'] + (not inside) if 'i' in local else 0
+                elif name in ('discover', '_validate', 'save'):           # the innermost names it
+                    phase = {'discover': 'interest discovery', '_validate': 'validation',
+                             'save': 'saving a checkpoint'}[name]
+        if loop is not None:
+            return loop, epoch, batch, phase
+        exc = exc.__context__ or exc.__cause__
+    return None, None, None, None
+
+
+def interrupted_line(exc, run, resume=''):
+    """The one line after Ctrl-C: where the run stopped, and the checkpoint `--resume` continues
+    from (fine-tuning: the -last.pth of the last finished epoch; pre-training: the newest saved)."""
+    if run is evaluate_checkpoint:
+        return 'interrupted: evaluation only, nothing was written'
+    loop, epoch, batch, phase = _interrupt_point(exc)
+    if loop is None:
+        return 'interrupted before training started: nothing to resume from'
+    if phase == 'final':
+        return (f'interrupted in the final evaluation, after training; the best model is {loop.saved_model_file} '
+                '(evaluate it with --eval_only -p PATH and the same data flags)')
+    where = 'interrupted' if epoch is None else f'interrupted at epoch {epoch}'
+    where += f', batch {batch}' if batch is not None else f' ({phase})' if phase else ''
+    if isinstance(loop, Pretrainer):
+        path = loop.saved[-1] if loop.saved else ''
+        if not path and loop.start_epoch:
+            path = loop.checkpoint_path(loop.start_epoch - 1)
+            path = path if os.path.exists(path) else resume
+        if not path:
+            return f"{where}; no checkpoint saved yet (one every {loop.save_step} epochs): nothing to resume from"
+        return f'{where}; resume with --resume {path}'
+    if not os.path.exists(loop.last_model_file):
+        return f'{where}; no epoch has finished yet: nothing to resume from'
+    return f'{where}; resume with --resume {loop.last_model_file}'
+
+
+def stop_children(grace_s=3.0, timeout_s=60.0):
+    """After Ctrl-C in `main` while spawned processes run: they stop on their own (Ctrl-C reaches the
+    whole process group) and rank 0 prints the line; wait for them, and interrupt those still running
+    after `grace_s` (only this process was interrupted), terminating any left after `timeout_s`."""
+    import multiprocessing
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        children = multiprocessing.active_children()
+        deadline = time.monotonic() + grace_s
+        for p in children:
+            p.join(max(0.0, deadline - time.monotonic()))
+        running = [p for p in children if p.is_alive()]
+        for p in running:
+            os.kill(p.pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout_s
+        for p in running:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.terminate()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+DEMO_DATA = 'python tools/make_demo_data.py --out datasets/downstream --pretrain-out datasets/pretrain'
+
+
+def check_dataset(stage, config):
+    """Before any process starts: the dataset folder exists; else one line naming it and how to get data."""
+    try:
+        dataset_folder(config, 'pre-training dataset' if stage == 'pretrain' else 'dataset')
+    except DataError as e:
+        demo = 'DemoPT' if stage == 'pretrain' else 'Demo'
+        raise DataError(f"{e}; put the data there (README, 'Data') or set --data_path, or make the demo "
+                        f'data with `{DEMO_DATA}` and run -d {demo}') from None
+
+
+def cpu_fallback_line(config, nproc):
+    """The one line when a GPU run finds no CUDA device (printed once, before processes start), or ''."""
+    if not config['use_gpu'] or D.visible_gpus(True):
+        return ''
+    if D.launched_by_torchrun():
+        if os.environ.get('RANK', '0') != '0':
+            return ''
+        nproc = int(os.environ.get('WORLD_SIZE', 1))
+    return f"no CUDA device found: running on the CPU, {nproc} process{'es' if nproc > 1 else ''}"
+
+
 def main(stage, argv=None, nproc=1, description=None):
     """An entry script: parse the command line, then run in this process (one process, or one
     of torchrun's) or in `--nproc` spawned ones (0: one per visible GPU, or 1; default `nproc`).
+    Ctrl-C stops it with one line and exit code 130 (`process_main`).
 
     Args:
         stage: 'finetune' or 'pretrain'.
@@ -392,18 +543,33 @@ def main(stage, argv=None, nproc=1, description=None):
     """
     args, rest = parse_args(stage, argv, description)
     try:
-        config = build_config(stage, args, rest)
-        if not D.launched_by_torchrun():
-            D.select_gpus(config['gpu_id'], config['use_gpu'])
-            nproc = D.resolve_nproc(nproc if args.nproc is None else args.nproc, config['use_gpu'])
-    except ValueError as e:   # ConfigError included
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    run, report = (finetune, print_table) if stage == 'finetune' else (pretrain, None)
-    if getattr(args, 'eval_only', False):
-        if not args.p or args.resume:
-            print('error: --eval_only evaluates the fine-tuned (or, zero-shot, pre-training) checkpoint given '
-                  'with -p CKPT (and takes no --resume)', file=sys.stderr)
+        try:
+            config = build_config(stage, args, rest)
+            if not D.launched_by_torchrun():
+                D.select_gpus(config['gpu_id'], config['use_gpu'])
+                nproc = D.resolve_nproc(nproc if args.nproc is None else args.nproc, config['use_gpu'])
+            check_dataset(stage, config)
+        except ValueError as e:   # ConfigError, DataError included
+            print(f'error: {e}', file=sys.stderr)
             return 2
-        return D.launch(process_main, nproc, evaluate_checkpoint, config, args.p, print_evaluation)
-    return D.launch(process_main, nproc, run, config, args.resume, report)
+        run, report = (finetune, print_table) if stage == 'finetune' else (pretrain, None)
+        run_args = (run, config, args.resume, report)
+        if getattr(args, 'eval_only', False):
+            if not args.p or args.resume:
+                print('error: --eval_only evaluates the fine-tuned (or, zero-shot, pre-training) checkpoint '
+                      'given with -p CKPT (and takes no --resume)', file=sys.stderr)
+                return 2
+            run_args = (evaluate_checkpoint, config, args.p, print_evaluation)
+        line = cpu_fallback_line(config, nproc)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print('interrupted before training started: nothing to resume from', file=sys.stderr)
+        return 130
+    if nproc == 1 or D.launched_by_torchrun():
+        return D.launch(process_main, nproc, *run_args)       # here: process_main handles Ctrl-C
+    try:
+        return D.launch(process_main, nproc, *run_args)
+    except KeyboardInterrupt:   # the spawned processes print the line (rank 0) and exit with 130
+        stop_children()
+        return 130

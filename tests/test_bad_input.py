@@ -127,3 +127,60 @@ def test_a_file_that_is_no_checkpoint(tmp_path, data, capsys):
     path.write_bytes(b'not a checkpoint')
     assert run(tmp_path, '-p', str(path)) == 2
     assert 'junk.pth' in capsys.readouterr().err
+
+
+DEMO_DATA = 'python tools/make_demo_data.py --out datasets/downstream --pretrain-out datasets/pretrain'
+
+
+@pytest.mark.parametrize('stage, what, demo_name', [('pretrain', 'pre-training dataset', 'DemoPT'),
+                                                    ('finetune', 'dataset', 'Demo')])
+def test_a_missing_dataset_stops_before_any_process_starts(tmp_path, monkeypatch, capsys, stage, what, demo_name):
+    import distributed as D
+
+    def no_process(*args, **kwargs):
+        raise AssertionError('a process was started')
+    monkeypatch.setattr(D, 'spawn', no_process)
+    argv = ['--nproc', '2', '--use_gpu=False', f'--data_path={tmp_path}/nowhere',
+            f'--checkpoint_dir={tmp_path}/saved', f'--log_dir={tmp_path}/log']
+    assert quick_start.main(stage, argv) == 2
+    err = capsys.readouterr().err.strip().split('\n')
+    dataset = 'FHCKM_mm_full' if stage == 'pretrain' else 'Scientific_mm_full'
+    assert len(err) == 1, err
+    assert err[0].startswith(f'error: {tmp_path}/nowhere/{dataset}: {what} folder not found'), err
+    assert f'make the demo data with `{DEMO_DATA}` and run -d {demo_name}' in err[0]
+    assert not (tmp_path / 'saved').exists() and not (tmp_path / 'log').exists()
+
+
+def test_ddp_pretrain_on_two_processes_without_data_fails_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, 'ddp_pretrain.py', '--nproc', '2', f'--data_path={tmp_path}/nowhere'],
+                         cwd=root, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1'))
+    assert out.returncode == 2 and out.stderr.count('\n') == 1, out.stderr
+    assert out.stderr.startswith(f'error: {tmp_path}/nowhere/FHCKM_mm_full: pre-training dataset folder not found')
+    assert DEMO_DATA in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_a_gpu_command_without_cuda_says_once_how_many_cpu_processes_run(demo_pretrain, monkeypatch, capsys):
+    import distributed as D
+    monkeypatch.setattr(D, 'visible_gpus', lambda use_gpu=True: 0)
+    launched = []
+
+    def launch(entry, nproc, *args):      # what was printed when the processes would start
+        launched.append((nproc, capsys.readouterr().err))
+        return 0
+    monkeypatch.setattr(D, 'launch', launch)
+    data = ['-d', 'DemoPT', f'--data_path={demo_pretrain}']
+    assert quick_start.main('pretrain', ['--nproc', '2', *data]) == 0
+    assert quick_start.main('pretrain', data, nproc=0) == 0                    # ddp_pretrain.py's default
+    assert quick_start.main('pretrain', ['--use_gpu=False', '--nproc', '2', *data]) == 0
+    assert launched == [(2, 'no CUDA device found: running on the CPU, 2 processes\n'),
+                        (1, 'no CUDA device found: running on the CPU, 1 process\n'), (2, '')]
+    for rank, expected in (('0', 'no CUDA device found: running on the CPU, 3 processes\n'), ('2', '')):
+        monkeypatch.setenv('RANK', rank)                                       # under torchrun: rank 0 says it
+        monkeypatch.setenv('LOCAL_RANK', rank)
+        monkeypatch.setenv('WORLD_SIZE', '3')
+        assert quick_start.main('pretrain', data) == 0
+        assert launched[-1] == (1, expected)
