@@ -397,6 +397,21 @@ class MISSRec(SeqTransformer):
         emb = sum(item_emb[k] for k in item_emb)                         # one modality (+ id)
         return s @ F.normalize(emb, dim=1).t()
 
+    def fusion_weights(self, text, img, item_ids=None):
+        """The modality weights of the item-side fusion (SPEC 3.3) for per-modality scores text, img
+        [B, I] (s against the normalised adapted text / image rows): float [B, I, 2], (text, image)
+        weights softmax(x * fusion_factor); `fused_logits` is the sum of x times these (static: 1/2 each).
+        `item_ids` [I]: the candidates' rows of a dynamic_instance factor when they are not all N items."""
+        if len(self.modalities) != 2:
+            raise ValueError(f'fusion_weights: modal_type {self.modal_type} has one modality, nothing to fuse')
+        x = torch.stack([text, img], dim=-1)                             # [B, I, 2]
+        if self.item_mm_fusion == 'static':
+            return torch.full_like(x, 0.5)
+        factor = self.fusion_factor
+        if item_ids is not None and self.item_mm_fusion == 'dynamic_instance':
+            factor = factor[item_ids]
+        return F.softmax(x * factor.unsqueeze(-1), dim=-1)
+
     # ---------------------------------------------------------- fine-tuning API
     def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None, width_max=None):
         """`seq_output` of fine-tuning: item_seq, item_seq_len on the host, tables {m: [N, H]}."""
@@ -408,6 +423,77 @@ class MISSRec(SeqTransformer):
         ids = self.interest_ids(item_seq, lookups) if self.modalities else None
         table = self.interest_embeddings if self.modalities else None
         return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, table, pad_len, width_max)
+
+    def forward(self, item_seq, item_seq_len, attention=False, pad_len=None):
+        """The fine-tuning sequence representation (SPEC 3.2) written plainly: padded tensors through
+        torch's own Transformer layers, as the original computes it. `finetune_seq_output` computes
+        the same values and gradients on packed tokens, faster (tests/test_forward.py); this is the
+        version to read.
+
+        Args:
+            item_seq: long [B, L] left-aligned item ids, 0 = PAD; item_seq_len: long [B].
+            attention: also return what the last decoder layer attended to (in eval mode; in
+                training the weights carry dropout).
+            pad_len: the original's padded length (the dataset's longest history); only the
+                regulariser depends on it.
+        Returns:
+            (s float [B, H] L2-normalised, reg scalar); with `attention` also a dict:
+            'interest_seq' long [B, Q]: each row's distinct interest ids, then 0 (PAD slots);
+            'attention' float [B, heads, Q]: the last decoder layer's cross-attention weights at
+            the output position over those slots (the mean over the output positions of
+            contextual fusion without the gather quirk).
+        """
+        if not self.modalities:
+            raise ValueError('forward: modal_type none has no interest tokens (use finetune_seq_output)')
+        if pad_len is not None:
+            item_seq = F.pad(item_seq, (0, pad_len - item_seq.shape[1]))
+        b, l = item_seq.shape
+        pad = item_seq == 0
+
+        # 1. encoder over the interest tokens: a row's distinct interests, then PAD slots (masked keys)
+        interest_seq, n = unique_interests(self.interest_ids(item_seq))         # [B, Qv], [B]
+        q = int((n + pad.any(1)).max())            # the original's width: a padded item adds the PAD interest
+        interest_seq = F.pad(interest_seq, (0, q - interest_seq.shape[1]))       # [B, Q]
+        src_mask = interest_seq == 0
+        memory = self.interest_embeddings[interest_seq]                         # [B, Q, H]
+        for layer in self.trm_model.encoder.layers:   # (the encoder's nested-tensor path would zero the PAD slots)
+            memory = layer(memory, src_key_padding_mask=src_mask)
+        memory = self.trm_model.encoder.norm(memory)
+        pooled = memory.sum(1) * (n / q).unsqueeze(1)                           # n/Q times the sum of all Q slots
+        reg = (pooled * pooled).sum() / pooled.shape[1]
+
+        # 2. decoder inputs: features (+ ID) + position of every item ('add') or item and modality
+        feats = [self.adaptor(m)(getattr(self, self._table_name(m))(item_seq)) for m in self.modalities]
+        extra = self.position_embedding.weight[:l] + (self.item_embedding(item_seq) if self.use_id else 0)
+        last = (item_seq_len - 1).unsqueeze(1)                                   # [B, 1]
+        if self.seq_mm_fusion == 'add':
+            x, tgt_mask, out_pos = sum(feats) + extra, pad, last
+        else:                                                                    # [B, M*L, H]
+            x = torch.cat([f + extra for f in feats], dim=1)
+            tgt_mask = torch.cat([pad | getattr(self, f'{self._table_name(m)}_empty_mask')[item_seq]
+                                  for m in self.modalities], dim=1)
+            blocks = 1 if self.contextual_gather_quirk else len(self.modalities)  # the quirk: the text block
+            out_pos = last + l * torch.arange(blocks, device=last.device)
+        x = self.dropout(self.LayerNorm(x))
+
+        # 3. decoder: torch's layers, the last one step by step as its post-norm forward, to read the
+        # cross-attention weights; the output is the mean over the output positions, normalised
+        *layers, final = self.trm_model.decoder.layers
+        for layer in layers:
+            x = layer(x, memory, tgt_key_padding_mask=tgt_mask, memory_key_padding_mask=src_mask)
+        x = final.norm1(x + final.dropout1(final.self_attn(x, x, x, key_padding_mask=tgt_mask,
+                                                           need_weights=False)[0]))
+        cross, weights = final.multihead_attn(x, memory, memory, key_padding_mask=src_mask, need_weights=True,
+                                              average_attn_weights=False)       # weights [B, heads, L', Q]
+        x = final.norm2(x + final.dropout2(cross))
+        x = final.norm3(x + final.dropout3(final.linear2(final.dropout(final.activation(final.linear1(x))))))
+        out = self.trm_model.decoder.norm(x)
+        rows = torch.arange(b, device=out.device).unsqueeze(1)
+        s = F.normalize(out[rows, out_pos].mean(1), dim=1)
+        if not attention:
+            return s, reg
+        at_output = weights.transpose(1, 2)[rows, out_pos].mean(1)              # [B, heads, Q]
+        return s, reg, {'interest_seq': interest_seq, 'attention': at_output}
 
     def _all_item_logits(self, batch, width_max=None):
         tables = self.adapted_tables()                                   # [N, H] per modality

@@ -253,18 +253,12 @@ def checkpoint_config(config, stored, path, pretrained=False):
         raise CheckpointError(f'{path}: stored config: {e}') from None
 
 
-def evaluate_checkpoint(config, path):
-    """One process of `--eval_only -p CKPT`: load a fine-tuned checkpoint (ours, or the original code's
-    through the safe loader) strictly, buffers and interest tables included, and evaluate it on valid
-    and test in both conventions. No training, no interest discovery, no checkpoint and no log file.
+def checkpoint_model(config, path):
+    """The model of `--eval_only -p CKPT` (`evaluate_checkpoint`; also tools/show_interests.py), set up as
+    `evaluate_checkpoint` describes: a fine-tuned checkpoint loaded strictly, or a pre-training one
+    zero-shot with interests discovered on the target items. Logs what it loaded.
 
-    A pre-training checkpoint is evaluated zero-shot: the fine-tuning model of the run's stage with the
-    checkpoint's structure, its weights loaded as for fine-tuning with -p (`load_pretrained`), and
-    interests discovered once on the target items (epoch 0). Transductive: the ID embedding is untrained.
-
-    Returns {'model', 'checkpoint', 'valid', 'test', 'rank0', 'zero_shot'}; valid and test are
-    (exact top-K, original top-K+1) OrderedDicts."""
-    start_logging(D.is_main_process())
+    Returns (config with the checkpoint's structure, SeqDataset, model, Trainer, zero_shot)."""
     ckpt = load_checkpoint(path)
     state = state_dict_of(ckpt, path)
     stored = ckpt.get('config') or {}
@@ -295,6 +289,22 @@ def evaluate_checkpoint(config, path):
             logger.info('transductive: the ID embedding is untrained (random initialisation); '
                         '-mode inductive is the meaningful zero-shot evaluation')
         trainer.discover(0)                                            # interests of the target items
+    return config, dataset, model, trainer, zero_shot
+
+
+def evaluate_checkpoint(config, path):
+    """One process of `--eval_only -p CKPT`: load a fine-tuned checkpoint (ours, or the original code's
+    through the safe loader) strictly, buffers and interest tables included, and evaluate it on valid
+    and test in both conventions. No training, no interest discovery, no checkpoint and no log file.
+
+    A pre-training checkpoint is evaluated zero-shot: the fine-tuning model of the run's stage with the
+    checkpoint's structure, its weights loaded as for fine-tuning with -p (`load_pretrained`), and
+    interests discovered once on the target items (epoch 0). Transductive: the ID embedding is untrained.
+
+    Returns {'model', 'checkpoint', 'valid', 'test', 'rank0', 'zero_shot'}; valid and test are
+    (exact top-K, original top-K+1) OrderedDicts."""
+    start_logging(D.is_main_process())
+    config, dataset, model, trainer, zero_shot = checkpoint_model(config, path)
     shard = dict(pad_len=dataset.pad_len, rank=D.rank(), world_size=D.world_size())
     valid = trainer.evaluate(SeqBatches(dataset.splits['valid'], config['eval_batch_size'], **shard), desc='Valid')
     test = trainer.evaluate(SeqBatches(dataset.splits['test'], config['eval_batch_size'], **shard), desc='Test')
