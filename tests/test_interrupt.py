@@ -20,7 +20,8 @@ from missrec import MISSRec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
 TINY = ['--hidden_size=32', '--inner_size=32', '--plm_size=32', '--img_size=32', '--show_progress=False']
-LINE = re.compile(r'interrupted at epoch (\d+), batch (\d+); resume with --resume (\S+)')
+# where: the batch, or a phase between batches (validation, saving a checkpoint, ...)
+LINE = re.compile(r'interrupted at epoch (\d+)(?:, batch \d+| \([a-z ]+\))?; resume with --resume (\S+)')
 
 
 def finetune_args(demo, out, *extra):
@@ -73,10 +74,10 @@ def test_ctrl_c_after_the_first_epoch_stops_in_one_line_and_resume_continues(dem
     assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
     lines = stderr.strip().split('\n')
     assert len(lines) == 1 and LINE.fullmatch(lines[0]), lines
-    epoch, batch, last = LINE.fullmatch(lines[0]).groups()
-    assert int(epoch) >= 1 and last.endswith('-last.pth') and last == glob.glob(f'{out}/saved/*-last.pth')[0]
+    epoch, last = LINE.fullmatch(lines[0]).groups()
+    assert last.endswith('-last.pth') and last == glob.glob(f'{out}/saved/*-last.pth')[0]
     done = torch.load(last, weights_only=True)['epoch']                  # the last finished epoch
-    assert done in (int(epoch) - 1, int(epoch))                           # (its save may have been cut short)
+    assert done in (int(epoch) - 1, int(epoch))                           # (stopped in its save, or after it)
 
     resumed = subprocess.run([sys.executable, 'finetune.py', *finetune_args(demo, out, f'--epochs={done + 2}'),
                               '--resume', last], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
@@ -101,9 +102,9 @@ def test_ctrl_c_on_multi_process_pretraining_names_the_newest_checkpoint(demo_pr
     assert 'Traceback' not in stderr and 'error' not in stderr
     lines = stderr.strip().split('\n')
     assert len(lines) == 2 and lines[0] == 'no CUDA device found: running on the CPU, 2 processes', lines
-    epoch, batch, path = LINE.fullmatch(lines[1]).groups()
+    epoch, path = LINE.fullmatch(lines[1]).groups()
     newest = max(glob.glob(f'{out}/saved/MISSRec-DemoPT-*.pth'), key=lambda p: int(p.split('-')[-1][:-4]))
-    assert path == newest and torch.load(path, weights_only=True)['epoch'] + 1 == int(epoch)
+    assert path == newest and torch.load(path, weights_only=True)['epoch'] in (int(epoch) - 1, int(epoch))
 
 
 # ------------------------------------------------------- in one process: where the line says the run stopped
@@ -179,8 +180,13 @@ def test_a_second_ctrl_c_while_stopping_is_only_counted():
     try:
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)                                                 # interrupted at once
+            for _ in range(500):                                          # interrupted at once
+                time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)                               # a second one: no exception
+        for _ in range(500):
+            if ctrl_c.count == 2:
+                break
+            time.sleep(0.01)
         assert ctrl_c.received() and ctrl_c.count == 2
     finally:
         ctrl_c.restore()
