@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 import distributed as D
-from tools._io import atomic_open
+from io_utils import atomic_open
 
 __all__ = ['load_checkpoint', 'state_dict_of', 'save_checkpoint', 'resume_from', 'load_pretrained',
            'shape_mismatches', 'CheckpointError', 'UnsafeCheckpointError', 'RecordedObject', 'EnumStandIn',
@@ -416,7 +416,7 @@ def shape_mismatches(model, state):
 
 # ---------------------------------------------------------------- our format
 def atomic_save(obj, path):
-    """torch.save through a temporary file renamed over `path` (tools/_io.py): a kill at any
+    """torch.save through a temporary file renamed over `path` (io_utils.py): a kill at any
     moment leaves either the old file or the new one, never a partial one. The bytes are made
     in memory first, so that a failing write (disk full) raises the OSError itself, not
     torch's writer error, and becomes one line."""

@@ -85,6 +85,11 @@ def _use_cupy(t):
     return False
 
 
+def kernel_path(device):
+    """'cupy' when the CuPy kernels run on `device` (cupy imports and the kernels compiled), else 'torch'."""
+    return 'cupy' if _use_cupy(torch.zeros(1, 1, device=device)) else 'torch'
+
+
 def cupy_unavailable(device):
     """Why the CuPy kernels cannot run on CUDA `device` (cupy missing, or the kernels failed to
     compile there), or None when they can."""

@@ -21,7 +21,7 @@ from config import DEFAULTS, Config, ConfigError
 from data.dataset import DataError, SeqDataset, pad_histories, read_item2index
 from data.loader import to_device
 from missrec import MISSRec
-from tools._io import ToolError, run_main
+from io_utils import ToolError, run_main
 
 TEXT_WIDTH = 80
 

@@ -54,11 +54,6 @@ def gemm_gflops(device, n=4096):
     return 2 * n ** 3 / seconds / 1e9
 
 
-def used_path(device):
-    """'cupy' when the CuPy kernels run on `device` (cupy imports and the kernels compiled), else 'torch'."""
-    return "cupy" if cu._use_cupy(torch.zeros(1, 1, device=device)) else "torch"
-
-
 def bench_size(name, n, k, niter, device):
     """Time the distance step and both discovery modes on seeded random data [n, D].
     The GEMM reference is re-measured right next to the distance step (the CPU is shared,
@@ -93,7 +88,7 @@ def main():
     names = ["mini", "mm_full"] + ([] if args.quick else ["office"])
     if device.type == "cuda" and not args.quick:
         names.append("fhckm")
-    path = used_path(device)
+    path = cu.kernel_path(device)
     gemm = gemm_gflops(device)
     print(f"device={device} path={path} threads={torch.get_num_threads()} gemm_fp32={gemm:.1f} GFLOP/s "
           f"(%gemm below: vs a GEMM re-measured next to each distance step)")

@@ -39,3 +39,12 @@ def test_nothing_imports_an_entry_script():
 def test_entry_scripts_import_only_their_library_entry():
     for name in ENTRY_SCRIPTS:
         assert imported_modules(f'{name}.py') <= {'sys', 'quick_start', 'inference'}, name
+
+
+def test_the_library_imports_neither_tools_nor_bench():
+    """tools/ and bench/ stand on the library; nothing of the library reaches up into them."""
+    library = [p for p in python_files() if p.count('/') == 0 or p.startswith('data/')]
+    importers = {p: imported_modules(p) & {'tools', 'bench'} for p in library}
+    assert {p: names for p, names in importers.items() if names} == {}
+    assert {p: names for p in python_files() if p.startswith('tools/')
+            for names in [imported_modules(p) & {'bench'}] if names} == {}

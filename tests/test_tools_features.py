@@ -11,7 +11,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 torch = pytest.importorskip("torch")
 
 from tools import extract_features  # noqa: E402
-from tools._io import ToolError  # noqa: E402
+from io_utils import ToolError  # noqa: E402
 
 PROJ = 16
 N_ITEMS = 5

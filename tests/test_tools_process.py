@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tools import merge_pretrain, process_amazon
-from tools._io import ToolError, atomic_open
+from io_utils import ToolError, atomic_open
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"

@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 
 from tqdm import tqdm
 
-from tools._io import ToolError, atomic_open, run_main
+from io_utils import ToolError, atomic_open, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL_DIR = os.path.join(REPO, "reference_log", "original")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from data.dataset import DataError, read_item2index
 from data.loader import SeqBatches
 from inference import history_ids, load_model
-from tools._io import ToolError, atomic_open, run_main
+from io_utils import ToolError, atomic_open, run_main
 
 DESCRIPTION = __doc__.split('\n\n')[0]
 

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 import numpy as np
 from tqdm import tqdm
 
-from tools._io import ToolError, atomic_write_text, run_main
+from io_utils import ToolError, atomic_write_text, run_main
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".webp")
 

@@ -197,7 +197,6 @@ def step_kernels(ctx):
     """CuPy against torch on one GPU (dry run: the torch path on the CPU against itself)."""
     import torch
     import cluster_utils as cu
-    from bench.kmeans import used_path
     gpu = not ctx['dry']
     device = torch.device('cuda' if gpu else 'cpu')
     rows = []
@@ -210,7 +209,7 @@ def step_kernels(ctx):
             return _real(*a)
         setattr(cu, name, counted)
     cupy = cu._cp
-    path = used_path(device)                  # as bench/kmeans.py reports it
+    path = cu.kernel_path(device)             # as bench/kmeans.py reports it
 
     def torch_path(fn):
         cu._cp = None

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from checkpoints import CheckpointError, load_checkpoint
-from tools._io import ToolError, run_main
+from io_utils import ToolError, run_main
 
 CONFIG_KEYS = ('dataset', 'model', 'train_stage', 'modal_type', 'id_type', 'seq_mm_fusion', 'item_mm_fusion',
                'hidden_size', 'n_layers', 'n_heads', 'inner_size', 'hidden_act', 'plm_size', 'img_size',

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` and `data` import
 import numpy as np
 
 from data import INTER_HEADER
-from tools._io import atomic_write_bytes
+from io_utils import atomic_write_bytes
 
 TEXT_HEADER = "item_id:token\ttext:token_seq\n"
 MAX_HISTORY = 50

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 
 from tqdm import tqdm
 
-from tools._io import AtomicGroup, ToolError, run_main
+from io_utils import AtomicGroup, ToolError, run_main
 
 INTER_HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token"
 MODALITY_FILES = {"text": ("feat1CLS", "feat2CLS"), "img": ("feat3CLS",)}  # the modal_type names

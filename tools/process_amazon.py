@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 from tqdm import tqdm
 
 from data import INTER_HEADER
-from tools._io import AtomicGroup, ToolError, run_main
+from io_utils import AtomicGroup, ToolError, run_main
 
 TEXT_HEADER = "item_id:token\ttext:token_seq\n"
 TEXT_KEYS = ("title", "category", "brand")

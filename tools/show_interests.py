@@ -52,7 +52,7 @@ import quick_start
 from checkpoints import CheckpointError, load_checkpoint
 from data.dataset import DataError, read_inter, read_item2index
 from inference import load_model, read_texts, score_histories
-from tools._io import ToolError, run_main
+from io_utils import ToolError, run_main
 
 DESCRIPTION = __doc__.split('\n\n')[0]
 # collapsed: fewer than a quarter of the asked-for interests in use (the original mini-batch k-means

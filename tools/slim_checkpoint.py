@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from checkpoints import CheckpointError, atomic_save, load_checkpoint, state_dict_of
-from tools._io import ToolError, run_main
+from io_utils import ToolError, run_main
 
 
 def slim(ckpt: dict, path: str, half: bool = False) -> dict:
