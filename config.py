@@ -16,6 +16,8 @@ import re
 
 import yaml
 
+from metrics import METRICS
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` as a string; like RecBole, read it as a float."""
@@ -241,10 +243,11 @@ class Config:
             c['topk'] = [c['topk']]
         if isinstance(c['metrics'], str):
             c['metrics'] = [c['metrics']]
-        known = {'hit', 'ndcg', 'recall', 'mrr'}
+        known = set(METRICS)
         for m in c['metrics']:
             if str(m).lower() not in known:
-                raise ConfigError(f"metrics: unknown metric {m!r}; expected some of HIT, NDCG, RECALL, MRR")
+                raise ConfigError(f"metrics: unknown metric {m!r}; expected some of "
+                                  f"{', '.join(name.upper() for name in METRICS)}")
         name, _, k = str(c['valid_metric']).partition('@')
         if name.lower() not in known or not k.isdigit():
             raise ConfigError(f"valid_metric = {c['valid_metric']!r}; expected e.g. NDCG@10")
