@@ -199,7 +199,7 @@ def finish(trainer, dataset, config, test_batches, log_path, untrained_valid=Non
 
 def popularity_result(dataset, config):
     """Most-popular baseline on test: items ranked by their count as train targets."""
-    counts = torch.bincount(dataset.splits['train']['item_id'], minlength=dataset.n_items).float()
+    counts = Pop(dataset.splits['train']['item_id'], dataset.n_items).counts
     counts[0] = -float('inf')                                          # never rank PAD
     target = dataset.splits['test']['item_id']
     # every row has the same scores: rank 1024 rows at a time without a [rows, N] copy
