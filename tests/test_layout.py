@@ -3,6 +3,7 @@ and nothing imports an entry script."""
 import ast
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_SCRIPTS = {'finetune', 'ddp_finetune', 'ddp_pretrain', 'recommend'}
@@ -48,3 +49,13 @@ def test_the_library_imports_neither_tools_nor_bench():
     assert {p: names for p, names in importers.items() if names} == {}
     assert {p: names for p in python_files() if p.startswith('tools/')
             for names in [imported_modules(p) & {'bench'}] if names} == {}
+
+
+def test_the_entry_scripts_make_openmp_threads_sleep_unless_told_otherwise():
+    """OMP_WAIT_POLICY is read once, when torch loads OpenMP: quick_start sets it before importing torch."""
+    code = 'import os, quick_start; print(os.environ["OMP_WAIT_POLICY"])'
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
+    for given, expected in ((None, 'PASSIVE'), ('ACTIVE', 'ACTIVE')):
+        run_env = dict(env, **({'OMP_WAIT_POLICY': given} if given else {}))
+        out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=run_env, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr[-500:]
