@@ -14,6 +14,15 @@ FINETUNED_ARGS = ['--hidden_size=32', '--inner_size=32', '--plm_size=32', '--img
                   '--show_progress=False', '--use_gpu=False']
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (2 shared cores: more threads only add contention at test sizes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='session')
 def make_demo(tmp_path_factory):
     """Demo datasets, each written once per session:

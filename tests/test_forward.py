@@ -14,12 +14,7 @@ from missrec import MISSRec, unique_interests
 N = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 
 
 def make_model(kmeans_mode='lloyd', seed=0, **overrides):

@@ -22,12 +22,7 @@ TINY = ['--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32',
         '--show_progress=False', '--use_gpu=False']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # 2 shared cores: threads only add contention at these sizes
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # (conftest.py)
 
 
 @pytest.fixture(scope='module')
