@@ -386,9 +386,7 @@ class MISSRec(SeqTransformer):
             else:
                 # sum(x * softmax(x * f)) over the two modalities, written with a
                 # sigmoid: softmax([a, b])[0] = sigmoid(a - b); no [B, I, 2] tensor
-                factor = self.fusion_factor
-                if item_ids is not None and self.item_mm_fusion == 'dynamic_instance':
-                    factor = factor[item_ids]
+                factor = self._fusion_factor(item_ids)
                 diff = text - img
                 fused = img + diff * torch.sigmoid(diff * factor)
             if 'id' in item_emb:
@@ -407,10 +405,14 @@ class MISSRec(SeqTransformer):
         x = torch.stack([text, img], dim=-1)                             # [B, I, 2]
         if self.item_mm_fusion == 'static':
             return torch.full_like(x, 0.5)
-        factor = self.fusion_factor
+        return F.softmax(x * self._fusion_factor(item_ids).unsqueeze(-1), dim=-1)
+
+    def _fusion_factor(self, item_ids=None):
+        """The dynamic fusion factor: a scalar (dynamic_shared), or per item (dynamic_instance: [N], or
+        the rows `item_ids` of candidates that are not all N items)."""
         if item_ids is not None and self.item_mm_fusion == 'dynamic_instance':
-            factor = factor[item_ids]
-        return F.softmax(x * factor.unsqueeze(-1), dim=-1)
+            return self.fusion_factor[item_ids]
+        return self.fusion_factor
 
     # ---------------------------------------------------------- fine-tuning API
     def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None, width_max=None):
