@@ -1,5 +1,5 @@
-"""checkpoints.py: original-code checkpoints open without recbole and without running pickled code;
-our one format is written and resumed from; pre-trained weights load into a fine-tuning model."""
+"""checkpoints.py and original_pickle.py: original-code checkpoints open without recbole and without running
+pickled code; our one format is written and resumed from; pre-trained weights load into a fine-tuning model."""
 import collections
 import io
 import os
@@ -14,10 +14,12 @@ import torch
 import yaml
 
 import checkpoints
+import original_pickle
 from checkpoints import (CheckpointError, UnsafeCheckpointError, atomic_save, load_checkpoint, load_pretrained,
                          resume_from, save_checkpoint, state_dict_of)
 from config import Config
 from missrec import MISSRec
+from original_pickle import UnsafePickleError
 
 @pytest.fixture
 def original_checkpoint(tmp_path, fake_recbole):
@@ -112,13 +114,13 @@ def test_arbitrary_globals_are_refused(tmp_path):
 
 
 def test_reference_only_globals_cannot_be_called():
-    ref = checkpoints.GlobalRef('missrec', 'MISSRec')
-    with pytest.raises(UnsafeCheckpointError):
+    ref = original_pickle.GlobalRef('missrec', 'MISSRec')
+    with pytest.raises(UnsafePickleError):
         ref()
-    up = checkpoints.RestrictedUnpickler
+    up = original_pickle.RestrictedUnpickler
     for module, name in [('builtins', 'eval'), ('subprocess', 'Popen'), ('torch', 'load'),
                          ('recbole.trainer', 'Trainer')]:
-        with pytest.raises(UnsafeCheckpointError, match=f'{module}.{name}'):
+        with pytest.raises(UnsafePickleError, match=f'{module}.{name}'):
             up(io.BytesIO()).find_class(module, name)
 
 
@@ -177,12 +179,12 @@ def test_load_pretrained_reads_original_checkpoints(tmp_path, fake_recbole):
 def test_state_cannot_be_set_on_classes():
     """BUILD on an allowed class (monkey-patching it) is refused; on plain objects it works."""
     patch = b'\x80\x02ccollections\nOrderedDict\n}X\x01\x00\x00\x00aK\x01sb.'
-    with pytest.raises(UnsafeCheckpointError, match='refusing to set the state'):
-        checkpoints.restricted_pickle.loads(patch)
+    with pytest.raises(UnsafePickleError, match='refusing to set the state'):
+        original_pickle.restricted_pickle.loads(patch)
     assert not hasattr(collections.OrderedDict, 'a')
     ok = pickle.dumps({'s': {1, 2}, 'b': bytearray(b'x'), 'o': collections.OrderedDict(a=1),
                        'd': torch.device('cpu'), 'x': np.float32(2.5), 'arr': np.arange(3)}, protocol=2)
-    out = checkpoints.restricted_pickle.loads(ok)
+    out = original_pickle.restricted_pickle.loads(ok)
     assert out['s'] == {1, 2} and out['o'] == {'a': 1} and out['x'] == np.float32(2.5)
     assert out['arr'].tolist() == [0, 1, 2]
 
@@ -457,14 +459,14 @@ def test_original_checkpoints_pickled_by_other_pythons_open(tmp_path, fake_recbo
 
 @pytest.mark.parametrize('protocol', [2, 4])
 def test_enum_members_pickled_by_name_equal_those_pickled_by_value(protocol):
-    by_name = checkpoints.restricted_pickle.loads(PY3112_SEQUENTIAL[protocol])
-    by_value = checkpoints.restricted_pickle.loads(BY_VALUE_SEQUENTIAL[2])
-    assert isinstance(by_name, checkpoints.EnumStandIn)
+    by_name = original_pickle.restricted_pickle.loads(PY3112_SEQUENTIAL[protocol])
+    by_value = original_pickle.restricted_pickle.loads(BY_VALUE_SEQUENTIAL[2])
+    assert isinstance(by_name, original_pickle.EnumStandIn)
     assert by_name == by_value and (by_name.name, by_name.value) == ('SEQUENTIAL', 2)
     assert str(by_name) == 'ModelType.SEQUENTIAL'
     # a member the table does not know (a later RecBole) keeps its name
     newer = PY3112_SEQUENTIAL[2].replace(b'X\n\x00\x00\x00SEQUENTIAL', b'X\x05\x00\x00\x00NEWER')
-    assert str(checkpoints.restricted_pickle.loads(newer)) == 'ModelType.NEWER'
+    assert str(original_pickle.restricted_pickle.loads(newer)) == 'ModelType.NEWER'
 
 
 def _u(text):
@@ -491,8 +493,8 @@ class _GetattrOnAnAllowedClass:
 ])
 def test_getattr_on_anything_else_is_refused(target, args):
     data = b'\x80\x02c__builtin__\ngetattr\n' + target + args + b'R.'
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load global 'builtins.getattr'"):
-        checkpoints.restricted_pickle.loads(data)
+    with pytest.raises(UnsafePickleError, match="refusing to load global 'builtins.getattr'"):
+        original_pickle.restricted_pickle.loads(data)
     assert not hasattr(collections.OrderedDict, 'GENERAL')
 
 
