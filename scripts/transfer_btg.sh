@@ -2,7 +2,7 @@
 # Transfer from BTG_text (scripts/pretrain_btg.sh) to Scientific_mini, text only (all-MiniLM-L6-v2
 # features, feat1MiniLM): the paper's four settings, transductive (item IDs) and inductive (no IDs),
 # from scratch and from each pre-trained checkpoint (-p, Transformer frozen as in run02/run04.sh), in
-# both kmeans modes and over SEEDS; then one table (tools/compare.py --table): test metrics in both
+# both kmeans modes and over SEEDS; then two tables (tools/compare.py --table, --paired): test metrics in both
 # conventions, mean ± spread over the seeds. Model selection on the original's top-K+1 NDCG@10, as the
 # run scripts select (the exact top-K lines are logged too). The regulariser's padded interest slots
 # each have their own dropout draw (the default, as the original).
@@ -43,4 +43,5 @@ for seed in $SEEDS; do
     done
 done
 python tools/compare.py --logs "$LOG_DIR" --table | tee "$LOG_DIR/table.md"
-echo "table: $LOG_DIR/table.md"
+python tools/compare.py --logs "$LOG_DIR" --paired | tee "$LOG_DIR/paired.md"
+echo "tables: $LOG_DIR/table.md, $LOG_DIR/paired.md (pre-trained minus scratch, paired by seed)"

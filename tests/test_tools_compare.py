@@ -324,3 +324,30 @@ def test_malformed_valid_result(tmp_path, capsys):
                    f"{TS}valid result: \n{TS}something else\n")
     assert compare.main(["--logs", str(bad), "--reference", REFERENCE, "--original", ""]) == 2
     assert "bad.log:5: expected 'metric : value' pairs after 'valid result:'" in capsys.readouterr().err
+
+
+def _seed_log(seed, ndcg, pretrained='', kmeans='lloyd', stage='inductive_ft'):
+    return (f"{TS}\ndataset = Scientific_mini\ntrain_stage = {stage}\nmodel = MISSRec\nseed = {seed}\n"
+            f"kmeans_mode = {kmeans}\npretrained_file = {pretrained}\nnote = {'pt' if pretrained else 'scratch'}\n"
+            f"{TS}test result: OrderedDict([('hit@10', 0.2), ('hit@50', 0.3), ('ndcg@10', {ndcg}), ('ndcg@50', 0.1)])\n")
+
+
+def test_paired_differences_by_seed_with_a_t_interval(tmp_path, capsys):
+    """--paired: pre-trained minus scratch of the same seed and kmeans_mode; mean ± sd [95% t interval]."""
+    scratch = {1: 0.050, 2: 0.060, 3: 0.055}
+    lifted = {1: 0.052, 2: 0.061, 3: 0.058}                      # differences 0.002, 0.001, 0.003
+    for seed in scratch:
+        (tmp_path / f"s{seed}.log").write_text(_seed_log(seed, scratch[seed]))
+        (tmp_path / f"p{seed}.log").write_text(_seed_log(seed, lifted[seed], pretrained='pt.pth'))
+        # another kmeans_mode's scratch run of the same seed must not be paired with them
+        (tmp_path / f"o{seed}.log").write_text(_seed_log(seed, 0.9, kmeans='original'))
+    assert compare.main(["--logs", str(tmp_path), "--paired"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| pt |" in line]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3] == "lloyd" and cells[5] == "exact top-K" and cells[6] == "3"
+    # mean 0.002, sd 0.001, half-width t(0.975, 2) * 0.001 / sqrt(3) = 4.303 * 0.000577 = 0.0025
+    assert cells[8] == "+0.0020 ± 0.0010 [-0.0005, +0.0045]"
+    assert cells[7].startswith("+0.0000 ± 0.0000") and cells[-1] == "3 of 3"
+    assert compare.main(["--logs", str(tmp_path / "s1.log"), "--paired"]) != 0   # nothing to pair
+    assert "no pre-trained run has a run from scratch" in capsys.readouterr().err

@@ -38,6 +38,11 @@ a log alone works as well.
 one row per model / dataset / stage / note, the test metrics in both conventions
 (mean and, over several runs such as seeds, the spread as ``±`` one standard
 deviation), the number of runs, epochs and seconds per training epoch.
+
+``--paired`` prints what pre-training changed instead (scripts/transfer_btg.sh): each
+pre-trained run minus the run from scratch with the same model, dataset, stage, kmeans_mode
+and seed, the differences of the test metrics over the seeds as mean ± standard deviation and
+a 95% interval (Student's t), in both conventions, and in how many pairs N@10 rose.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ _VALUES_RE = re.compile(r"([A-Za-z]+@\d+)\s*:\s*" + _NUM)  # hit@10 : 0.1054    
 _BEST_RE = re.compile(r"best eval result in epoch (\d+)")
 _LOADING_RE = re.compile(r"^Loading from (\S+)")            # the original's fine-tuning from a checkpoint
 _CONFIG_KEYS = ("dataset", "data_path", "train_stage", "script", "pretrained_file", "seed", "modal_type",
-                "eval_topk_plus_one", "note", "model")
+                "eval_topk_plus_one", "note", "model", "kmeans_mode")
 _RESULT_RE = re.compile(
     r"^(best valid|test result)\s*(\(original top-K\+1\))?\s*:\s*(.*)$")
 _PAIR_RE = re.compile(r"\(\s*['\"]([^'\"]+)['\"]\s*,\s*(?:[A-Za-z_][\w.]*\()?\s*([-+0-9.eE]+|nan|inf)\s*\)?\s*\)")
@@ -585,6 +590,58 @@ def run_table(logs: List[str]) -> List[str]:
     return lines
 
 
+# Student's t quantile 0.975 by degrees of freedom (a larger df uses the next smaller one listed: wider)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def mean_interval(values: List[float]) -> Tuple[float, float, float]:
+    """(mean, standard deviation, half-width of the 95% t interval of the mean) of >= 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    t = T975[max(k for k in T975 if k <= n - 1)]
+    return mean, sd, t * sd / n ** 0.5
+
+
+def paired_table(logs: List[str]) -> List[str]:
+    """One markdown table of pre-trained minus from-scratch test metrics, paired by seed (``--paired``)."""
+    scratch: Dict[Tuple[str, ...], LogRun] = {}
+    pretrained: Dict[Tuple[str, ...], Dict[str, LogRun]] = {}
+    for path in collect_logs(logs):
+        run = parse_log(path)
+        if not run.results or run.original:
+            continue
+        cfg = {k: run.config.get(k, "").strip("'\"") for k in ("model", "kmeans_mode", "seed", "note")}
+        key = (cfg["model"] or "MISSRec", run.dataset or "?", run.stage or "?", cfg["kmeans_mode"] or "?")
+        if run.pretrained:
+            pretrained.setdefault(key + (cfg["note"],), {})[cfg["seed"]] = run
+        else:
+            scratch[key + (cfg["seed"],)] = run
+    cols = ("hit@10", "ndcg@10", "hit@50", "ndcg@50")
+    header = ["model", "dataset", "stage", "kmeans", "pre-trained run", "convention", "pairs",
+              *("Δ" + n.replace("hit", "R").replace("ndcg", "N") for n in cols), "N@10 rose"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, by_seed in sorted(pretrained.items()):
+        pairs = [(run, scratch[key[:4] + (seed,)]) for seed, run in sorted(by_seed.items())
+                 if key[:4] + (seed,) in scratch]
+        for kind, convention in (("test", "exact top-K"), ("test_orig", "original top-K+1")):
+            diffs = [{c: a.results[kind][c] - b.results[kind][c] for c in cols}
+                     for a, b in pairs if kind in a.results and kind in b.results]
+            if len(diffs) < 2:
+                continue
+            cells = []
+            for c in cols:
+                mean, sd, half = mean_interval([d[c] for d in diffs])
+                cells.append(f"{mean:+.4f} ± {sd:.4f} [{mean - half:+.4f}, {mean + half:+.4f}]")
+            rose = sum(d["ndcg@10"] > 0 for d in diffs)
+            lines.append("| " + " | ".join([*key, convention, str(len(diffs)), *cells, f"{rose} of {len(diffs)}"]) + " |")
+    if len(lines) == 2:
+        raise ToolError("no pre-trained run has a run from scratch with the same model, dataset, stage, "
+                        "kmeans_mode and seed (at least 2 pairs)")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -600,14 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write training loss and validation NDCG@10 per epoch to this PNG")
     p.add_argument("--table", action="store_true", help="only one markdown table of the test results of all "
                    "listed runs, grouped by model/dataset/stage/note (mean ± spread over repeated runs)")
+    p.add_argument("--paired", action="store_true", help="only one markdown table of pre-trained minus "
+                   "from-scratch test metrics, paired by seed (mean ± sd [95%% interval])")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     def _run(a):
         args = build_parser().parse_args(a)
-        if args.table:
-            print("\n".join(run_table(args.logs)))
+        if args.table or args.paired:
+            print("\n".join(paired_table(args.logs) if args.paired else run_table(args.logs)))
             return 0
         compare(args.logs, args.reference, args.plot, args.original, args.cross_dataset, not args.no_curves)
         return 0
