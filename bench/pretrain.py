@@ -4,7 +4,7 @@
     python bench/pretrain.py --baseline c0f10eb      # ... and the code of another commit, in the same run
     python bench/pretrain.py --data demo [--setups 1x1,1x2,2x1] [--batch 512]   # processes x threads
 
-`--data btg` reads `../shared/datasets/pretrain/BTG_text` (440,714 sequences,
+`--data btg` reads `../shared/datasets/pretrain/BTG_text` (docs/data.md; 440,714 sequences,
 384-d text, no images) and times `--steps` full batches of the paper's global
 batch 4096 after one warm-up batch, each setting in a fresh process (peak RSS
 is that process's). `kmeans_mode=original` collapses the interests at the
@@ -14,7 +14,7 @@ costs more. The projected epoch is 108 batches plus one interest discovery.
 With `--baseline REV` the same measurement runs on `git archive REV` of this
 repository, so the ratio is measured on one machine in one run; REV must have the
 pre-training loop in trainer.py (94cae89 or later). The figures against c0f10eb in
-the README were taken by this benchmark while it also read that older layout.
+docs/performance.md were taken by this benchmark while it also read that older layout.
 `--reg_pad_draws independent,shared` (the default) times the regulariser with the
 original's own dropout draw per padded interest slot and with one shared draw, and
 `--init CKPT` starts from a pre-training checkpoint (the loss level of a trained model).

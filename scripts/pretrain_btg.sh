@@ -3,7 +3,7 @@
 # text features, 384-d, no images), with the paper's pre-training settings (props/pretrain.yaml:
 # global batch 4096, interest_ratio 0.02, both losses, item and word drop), text only, 10 epochs, a
 # checkpoint after every epoch. scripts/transfer_btg.sh fine-tunes from them.
-# Two regimes (README, "Does pre-training transfer?"):
+# Two regimes (docs/transfer.md, "Does pre-training transfer?"):
 #   bash scripts/pretrain_btg.sh --ckpt_suffix=sync                 # one model, 4096 rows a step (the paper)
 #   bash scripts/pretrain_btg.sh --sync_gradients=False --models_per_batch=4 --ckpt_suffix=orig4
 #                                    # the original's 4-GPU run: rank 0's model, 1024 rows and negatives

@@ -1,6 +1,6 @@
 """Generate a small synthetic multi-modal dataset in the distributed MISSRec format.
 
-The files match SPEC.md section 1 (and the real ``Scientific_mini`` files) byte
+The files match docs/spec.md section 1 (and the real ``Scientific_mini`` files) byte
 for byte in layout:
 
 * ``{D}.train.inter`` / ``.valid.inter`` / ``.test.inter``: TSV with header
