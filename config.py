@@ -78,6 +78,9 @@ DEFAULTS = {
     # PAD interest slots in training: each its own dropout draw, as the original (SPEC 3.2
     # step 4), or one shared draw counted Q - n times (faster, a different distribution)
     'reg_pad_draws': 'independent',
+    # the sequence encoder: 'packed' (packed.py, the fast path) or 'plain' (missrec.py, padded tensors
+    # as the original computes them); the same values and gradients
+    'forward_path': 'packed',
     'item_drop_ratio': 0.2,
     'item_drop_coefficient': 0.9,
     'plm_suffix': 'feat1CLS',
@@ -140,6 +143,7 @@ CHOICES = {
     'kmeans_mode': ('original', 'lloyd'),
     'contrastive_negatives': ('global', 'local'),
     'reg_pad_draws': ('independent', 'shared'),
+    'forward_path': ('packed', 'plain'),
 }
 
 # Keys the original props files carry but that change nothing here (loss_type: the loss is always CE).

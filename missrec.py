@@ -1,21 +1,22 @@
 """MISSRec: Pre-training and Transferring Multi-modal Interest-aware Sequence
 Representation for Recommendation (Wang et al., ACM MM 2023, arXiv 2308.11175).
 
-The model of SPEC section 3: an encoder over the user's distinct interest tokens
-(item-modality clusters), a decoder over the item sequence that cross-attends
-to them, and a dynamic fusion of per-modality item scores.
+The model of SPEC section 3, read top to bottom: interest discovery writes the interest tables
+(`set_interests`); the sequence side (`forward`, `seq_output`) encodes a user's distinct interest
+tokens and decodes the item sequence against them; the item side (`fused_logits`) scores items by
+a dynamic fusion of per-modality similarities; the losses follow (`calculate_loss`).
 
-API (RecBole style): `calculate_loss(batch, gather=None) -> loss` for both stages,
-`full_sort_predict(batch) -> [B, N]`, `seq_output(...) -> ([B, H], reg)`;
-`interest_points()` (fine-tuning) or `pretrain_interest_points(...)`, then
-`set_interests(...)`, for interest discovery. The interest tables are buffers of
-the model in both stages.
+The sequence side is written plainly here, on padded tensors with torch's Transformer layers.
+`forward_path: packed` (the default) computes the same values and gradients faster in packed.py.
 
-Host and device: everything whose size or positions depend on the data (distinct
-interests, buckets, packed positions) is planned on the host, from the batch's host
-tensors (`batch['host']` on a GPU, the batch itself on the CPU) and one host copy of
-the interest lookup tables per step, and only index tensors are copied to the model's
-device. So a training step waits for the GPU about once (bench/host_syncs.py).
+API (RecBole style): `forward(item_seq, item_seq_len) -> (s [B, H], reg)`,
+`calculate_loss(batch, gather=None) -> loss` for both stages, `full_sort_predict(batch) -> [B, N]`;
+`interest_points()` (fine-tuning) or `pretrain_interest_points(...)`, then `set_interests(...)`,
+for interest discovery. The interest tables are buffers of the model in both stages.
+
+Host and device: the batch's index tensors stay on the host (`batch['host']` on a GPU, the batch
+itself on the CPU), where shapes and positions are planned; packed.py says how that keeps a GPU
+step to about one wait.
 """
 import math
 
@@ -23,43 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import packed
 from cluster_utils import write_interest_tables
 from distributed import max_over_ranks
-from model_utils import Packer, SeqTransformer, dropout, query_only_sums, to_device
-
-
-def unique_interests(ids):
-    """Per-row sorted distinct non-zero ids, left-aligned and right-padded with 0.
-
-    Args:
-        ids: long [B, X] interest ids (0 = none).
-    Returns:
-        (long [B, Qv] distinct non-zero ids, long [B] their counts), Qv >= 1.
-    """
-    s, _ = ids.sort(dim=1)                                             # [B, X]
-    first = torch.ones_like(s, dtype=torch.bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    keep = first & (s != 0)
-    counts = keep.sum(1)                                               # [B]
-    width = max(int(counts.max()), 1) if len(counts) else 1
-    slot = keep.cumsum(1) - 1                                          # target column of kept ids
-    out = s.new_zeros(s.shape[0], width + 1)
-    rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(s)
-    out[rows[keep], slot[keep]] = s[keep]
-    return out[:, :width], counts
-
-
-def interest_buckets(n_valid):
-    """Rows grouped by their number of distinct interests: 1-2, 3-4, 5-8, 9-16, ...
-
-    Rows are independent in the interest encoder, so each group can be padded to its own
-    longest row. Yields long [R] row indices of each non-empty group, smallest first."""
-    lower, upper, most = 0, 2, int(n_valid.max()) if len(n_valid) else 0
-    while lower < most:
-        rows = ((n_valid > lower) & (n_valid <= upper)).nonzero().squeeze(1)
-        if len(rows):
-            yield rows
-        lower, upper = upper, upper * 2
+from model_utils import SeqTransformer, to_device, unique_interests
 
 
 class MISSRec(SeqTransformer):
@@ -84,6 +52,7 @@ class MISSRec(SeqTransformer):
         self.seq_mm_fusion = config['seq_mm_fusion']
         self.item_mm_fusion = config['item_mm_fusion']
         self.contextual_gather_quirk = config['contextual_gather_quirk']
+        self.forward_path = config['forward_path']
         self.modalities = [m for m in ('text', 'img') if m in self.modal_type]
         self.use_id = self.train_stage == 'transductive_ft' and self.id_type != 'none'
         if self.train_stage != 'transductive_ft':
@@ -177,199 +146,156 @@ class MISSRec(SeqTransformer):
         return dict(zip(self.modalities, host[:m])), dict(zip(self.modalities, (t.bool() for t in host[m:])))
 
     # ------------------------------------------------------------ sequence side
+    def forward(self, item_seq, item_seq_len, pad_len=None, tables=None, width_max=None, attention=False):
+        """The fine-tuning sequence representation (SPEC 3.2) of a batch of histories.
+
+        Args:
+            item_seq: long [B, L] left-aligned item ids, 0 = PAD; item_seq_len: long [B]; on the host
+                (device tensors are copied there: the shapes are planned from them).
+            pad_len: the original's padded length (the dataset's longest history); only the
+                regulariser depends on it.
+            tables: {modality: [N, H]} `adapted_tables()`, when the caller has them already.
+            width_max, attention: see `seq_output`.
+        Returns:
+            (s float [B, H] L2-normalised, reg scalar), and with `attention` the dict of `seq_output`.
+        """
+        item_seq, item_seq_len = item_seq.cpu(), item_seq_len.cpu()
+        device = self.position_embedding.weight.device
+        tables = self.adapted_tables() if tables is None else tables
+        modal_emb = {m: (tables[m], to_device(item_seq, device)) for m in self.modalities}
+        lookups, empty_tables = self.host_tables(empty_masks=self.seq_mm_fusion == 'contextual')
+        empty = {m: empty_tables[m][item_seq] for m in empty_tables}
+        ids = self.interest_ids(item_seq, lookups) if self.modalities else None
+        return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, self.interest_embeddings, pad_len,
+                               width_max, attention)
+
     def seq_output(self, item_seq, item_seq_len, modal_emb, empty_masks, interest_ids, interest_table,
-                   pad_len=None, width_max=None):
-        """Interest-aware sequence representation (SPEC 3.2).
+                   pad_len=None, width_max=None, attention=False):
+        """Interest-aware sequence representation (SPEC 3.2), both stages.
+
+        Written plainly below (`forward_path: plain`): an encoder over each row's distinct interest
+        tokens, a decoder over the items that cross-attends to them, the last item's output. The
+        default `forward_path: packed` computes the same values and gradients on packed tokens,
+        faster (packed.py; tests/test_forward.py binds the two).
 
         Args (item_seq, item_seq_len, empty_masks and interest_ids on the host):
             item_seq: long [B, L] left-aligned item ids, 0 = PAD.
             item_seq_len: long [B].
             modal_emb: {modality: (table float [R, H], index long [B, L])} on the model's device:
                 the adapted feature of position (b, l) is table[index[b, l]].
-            empty_masks: {modality: bool [B, L]} True where the modality is missing.
+            empty_masks: {modality: bool [B, L]} True where the modality is missing (contextual).
             interest_ids: long [B, X] interest ids of the sequence (0 = PAD interest).
             interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
-            pad_len: the padded sequence length of the original code (the longest
-                history of the dataset); only the regulariser depends on it.
+            pad_len: the padded sequence length of the original code (the longest history of the
+                dataset); only the regulariser depends on it.
+            width_max: x -> the largest x over the processes that share a global batch (None: this
+                batch alone); the regulariser's padded width is that of the whole batch.
+            attention: also return what the last decoder layer attended to (plain path; in training
+                the weights carry dropout).
         Returns:
-            (s float [B, H] L2-normalised, reg scalar tensor).
+            (s float [B, H] L2-normalised, reg scalar tensor); with `attention` also a dict:
+            'interest_seq' long [B, Q]: each row's distinct interest ids, then 0 (PAD slots);
+            'attention' float [B, heads, Q]: the last decoder layer's cross-attention weights at the
+            output position over those slots (the mean over the output positions of contextual
+            fusion without the gather quirk).
         """
-        memory, reg = self._encode_interests(item_seq, item_seq_len, interest_ids, interest_table, pad_len,
-                                             width_max)
-        tokens, packer, key_mask, query_rows, query_packer, n_out = self._decoder_tokens(
-            item_seq, item_seq_len, modal_emb, empty_masks)
-        out = self.decode(tokens, packer, key_mask, memory, query_rows, query_packer)   # [B*P, H]
-        out = out.view(item_seq.shape[0], n_out, -1).mean(1)                            # [B, H]
-        return F.normalize(out, dim=1), reg
+        if self.forward_path == 'packed' and not attention:
+            return packed.seq_output(self, item_seq, item_seq_len, modal_emb, empty_masks, interest_ids,
+                                     interest_table, pad_len, width_max)
+        if attention and not self.modalities:
+            raise ValueError('attention: modal_type none has no interest tokens')
+        has_pad = item_seq_len < (item_seq.shape[1] if pad_len is None else pad_len)
+        memory, src_mask, interest_seq, reg = self.encode_interests(interest_ids, has_pad, interest_table, width_max)
+        x, tgt_mask, out_pos = self.decoder_inputs(item_seq, item_seq_len, modal_emb, empty_masks)
+        out, weights = self.decode(x, tgt_mask, memory, src_mask, need_weights=attention)
+        rows = torch.arange(len(out), device=out.device).unsqueeze(1)
+        s = F.normalize(out[rows, out_pos].mean(1), dim=1)                     # step 6
+        if not attention:
+            return s, reg
+        at_output = weights.transpose(1, 2)[rows, out_pos].mean(1)              # [B, heads, Q]
+        return s, reg, {'interest_seq': interest_seq, 'attention': at_output}
 
-    def _encode_interests(self, item_seq, item_seq_len, interest_ids, interest_table, pad_len, width_max=None):
-        """Encoder over distinct interest tokens; returns (memory, reg).
+    def encode_interests(self, interest_ids, has_pad, interest_table, width_max=None):
+        """The encoder over the interest tokens and the regulariser (SPEC 3.2 steps 1-4).
 
-        The original pads each row's distinct ids to the longest row of the batch
-        (Q slots); padded slots (and an explicit 0 id) hold the zero PAD interest and
-        are masked as keys. The decoder gets each row's valid slots and one PAD slot.
-        Without dropout every PAD slot of a row has the same output, so one is
-        computed and the regulariser counts it Q - n times. In training, each PAD
-        slot has its own dropout draw (SPEC 3.2 step 4): the other Q - n - 1 are
-        computed as query-only tokens (`model_utils.query_only_sums`; with more than
-        one encoder layer, as extra slots of the rows), unless `reg_pad_draws: shared`
-        (faster, not the original's distribution).
+        A row's tokens are its distinct interests (sorted), then PAD slots up to the batch's width Q,
+        which counts as the original does: a row's distinct interests, plus the PAD interest when it
+        has a padded item (`has_pad`, bool [B]). PAD slots hold the zero PAD interest and are masked
+        as keys, but their outputs enter the regulariser, each with its own dropout draw.
+
+        Returns:
+            (memory float [B, Q, H], src_mask bool [B, Q] True at PAD slots, interest_seq long [B, Q],
+            reg scalar); (None, None, None, 0) without modalities (no interest tokens).
         """
-        device = interest_table.device if self.modalities else None
-        if not self.modalities:
-            return None, self.position_embedding.weight.new_zeros(())
-        ids, n_valid = unique_interests(interest_ids)                    # [B, Qv], [B] (host)
-        b, qv = ids.shape
-        full_len = item_seq.shape[1] if pad_len is None else pad_len
-        has_zero = (item_seq_len < full_len).long()                      # a padded item gives id 0
-        q_orig = int((n_valid + has_zero).max())                         # the batch's padded width
-        if width_max is not None:   # a share of a global batch: the width of the whole batch
-            q_orig = width_max(q_orig)
-        n_pad = q_orig - n_valid                                         # PAD slots of the original
-        draws = self._independent_pad_draws()
-        layers = self.trm_model.encoder.layers
-        widened = draws and len(layers) > 1                              # every PAD slot in the rows
-        pads = n_pad.clamp(min=1) if widened else torch.ones_like(n_valid)
-        width = max(qv + 1, int((n_valid + pads).max()))
-        ids = torch.cat([ids, ids.new_zeros(b, width - qv)], dim=1)
-        key_mask = ids == 0                                              # [B, width]
-        slot = torch.arange(width, device=ids.device)
-        active = slot[None, :] < (n_valid + pads)[:, None]
-        # The encoder's inputs are rows of the interest table, so the first layer's
-        # in-projection is computed once per distinct interest of the batch and gathered (exact).
-        used, ids_in_used = torch.unique(ids, return_inverse=True)      # [U], [B, width]
-        used_rows = interest_table.index_select(0, to_device(used, device))   # [U, H]
-        qkv = (F.linear(used_rows, layers[0].self_attn.in_proj_weight, layers[0].self_attn.in_proj_bias)
-               if len(layers) else None)                                 # [U, 3H]
-        memory = self._encode_in_buckets(used_rows, qkv, ids_in_used, n_valid, active, key_mask)  # [T, H]
-
-        # Regulariser (SPEC 3.2 step 4): pooled = n/Q * (sum of the n valid outputs + the
-        # Q - n PAD outputs), from the packed outputs (a row's n valid tokens, then its PADs).
-        w = n_valid.float() / q_orig                                     # [B]
-        per_row = n_valid + pads
-        row = torch.repeat_interleave(torch.arange(b, device=ids.device), per_row)   # [T]
-        coef = w[row]
-        is_pad = torch.arange(len(row), device=ids.device) - (per_row.cumsum(0) - per_row)[row] >= n_valid[row]
-        one_draw = draws and not widened                                 # the other draws: _other_pad_draws
-        stands_for = n_pad.clamp(max=1) if one_draw else n_pad          # PAD outputs the computed ones stand for
-        coef[is_pad] *= (stands_for.float() / pads.float())[row[is_pad]]
-        pooled = memory.new_zeros(b, memory.shape[1]).index_add(
-            0, to_device(row, device), memory * to_device(coef, device).unsqueeze(1))
-        if one_draw:
-            pooled = pooled + to_device(w, device)[:, None] * self._other_pad_draws(
-                used, used_rows, qkv, ids_in_used[:, :qv], n_valid, n_pad - 1)
-        reg = (pooled * pooled).sum() / pooled.shape[1]
-
-        # the decoder's memory: valid slots and the first PAD slot of each row
-        keep = active & (slot[None, :] <= n_valid[:, None])
-        if not bool(keep.equal(active)):
-            memory = memory.index_select(0, to_device((active.reshape(-1).long().cumsum(0) - 1)[keep.reshape(-1)],
-                                                      device))
-        return (memory, Packer(keep[:, :qv + 1], device), to_device(key_mask[:, :qv + 1], device)), reg
-
-    def _independent_pad_draws(self):
-        """True when the PAD slots' dropout draws must each be computed (SPEC 3.2 step 4)."""
-        if not self.training or self.reg_pad_draws == 'shared':
-            return False
-        layer = self.trm_model.encoder.layers[0] if len(self.trm_model.encoder.layers) else None
-        return layer is not None and max(layer.dropout1.p, layer.dropout2.p, layer.dropout.p,
-                                         layer.self_attn.dropout) > 0
-
-    def _other_pad_draws(self, used, used_rows, qkv, ids_in_used, n_valid, counts):
-        """[B, H] per row, the sum of `counts` more PAD slot outputs of a one-layer encoder,
-        each with its own dropout draws; rows grouped by their number of keys, like the encoder."""
-        device = used_rows.device
-        pad = int(torch.searchsorted(used, used.new_zeros(())))          # the PAD interest among `used`
-        out = used_rows.new_zeros(len(n_valid), used_rows.shape[1])
-        for rows in interest_buckets(n_valid):
-            rows = rows[counts[rows] > 0]
-            if len(rows):
-                n = int(n_valid[rows].max())
-                key_mask = torch.arange(n, device=rows.device)[None, :] >= n_valid[rows, None]
-                sums = query_only_sums(self.trm_model.encoder.layers[0], self.trm_model.encoder.norm,
-                                       used_rows[pad], qkv, to_device(ids_in_used[rows, :n], device),
-                                       to_device(key_mask, device), counts[rows], self.training)
-                out = out.index_add(0, to_device(rows, device), sums)
-        return out
-
-    def _encode_in_buckets(self, used_rows, qkv, ids_in_used, n_valid, active, key_mask):
-        """Encoder outputs [T, H] of the active slots, packed like `Packer(active)`.
-
-        Slot (b, j) holds interest `used_rows[ids_in_used[b, j]]`, whose first-layer in-projection
-        is `qkv[ids_in_used[b, j]]`. The groups of `interest_buckets` are encoded one by one,
-        each padded to its own longest row: the attention then costs at most 4x the unpadded
-        one instead of growing with the longest row of the batch."""
-        device = used_rows.device
-        position = active.reshape(-1).long().cumsum(0) - 1               # packed index of each slot
-        width = active.shape[1]
-        outputs, targets = [], []
-        for rows in interest_buckets(n_valid):
-            q = int(active[rows].sum(1).max())
-            sub_active, sub_mask = active[rows, :q], key_mask[rows, :q]
-            sub = Packer(sub_active, device)
-            idx = to_device(sub.pack(ids_in_used[rows, :q]), device)     # [t] rows of `used`
-            # keys and values: a row's valid slots (its first n tokens); its PAD slots are
-            # masked keys, so they are queries only
-            n_rows = n_valid[rows]
-            counts = sub_active.sum(1)
-            kv_mask = torch.arange(int(n_rows.max()), device=rows.device)[None, :] >= n_rows[:, None]
-            key_index = ((counts.cumsum(0) - counts)[:, None]
-                         + torch.arange(kv_mask.shape[1], device=rows.device)[None, :])[~kv_mask]
-            outputs.append(self.encode_memory(used_rows.index_select(0, idx), sub, to_device(sub_mask, device),
-                                              None if qkv is None else qkv.index_select(0, idx),
-                                              keys=(to_device(key_index, device), Packer(~kv_mask, device),
-                                                    to_device(kv_mask, device))))
-            flat = (rows[:, None] * width + torch.arange(q, device=rows.device)[None, :])[sub_active]
-            targets.append(position[flat])
-        out = torch.cat(outputs)
-        return out.new_empty(out.shape).index_copy(0, to_device(torch.cat(targets), device), out)
-
-    def _decoder_tokens(self, item_seq, item_seq_len, modal_emb, empty_masks):
-        """Packed decoder inputs (SPEC 3.2 step 5) and the rows to read out (step 6)."""
-        b, l = item_seq.shape
-        pad = item_seq == 0                                              # [B, L]
-        last = (item_seq_len - 1).clamp(min=0)
-        rows = torch.arange(b, device=item_seq.device)
-        contextual = self.seq_mm_fusion == 'contextual' and self.modalities
-        if not contextual:
-            key_mask = pad
-            out_pos = last[:, None]                                      # [B, 1]
-        else:  # one token per (modality, position), flattened to [B, M*L]
-            key_mask = torch.cat([pad | empty_masks[m] for m in self.modalities], dim=1)
-            if self.contextual_gather_quirk:   # SPEC 3.2 QUIRK: lands in the text block
-                out_pos = last[:, None]
-            else:                              # the last item's token of every modality
-                out_pos = last[:, None] + l * torch.arange(len(self.modalities), device=last.device)[None]
-        active = ~key_mask
-        active[rows[:, None].expand_as(out_pos), out_pos] = True
         device = self.position_embedding.weight.device
-        packer = Packer(active, device)
+        if not self.modalities:
+            return None, None, None, self.position_embedding.weight.new_zeros(())
+        interest_seq, n = unique_interests(interest_ids)                        # [B, Qv], [B]
+        q = int((n + has_pad.long()).max())
+        if width_max is not None:            # a share of a global batch: the width of the whole batch
+            q = width_max(q)
+        interest_seq = to_device(F.pad(interest_seq, (0, q - interest_seq.shape[1])), device)
+        src_mask = interest_seq == 0
+        x = interest_table[interest_seq]                                        # [B, Q, H]
+        for layer in self.trm_model.encoder.layers:                             # post-norm layers
+            x = layer.norm1(x + layer.dropout1(layer.self_attn(x, x, x, key_padding_mask=src_mask,
+                                                               need_weights=False)[0]))
+            x = layer.norm2(x + layer.dropout2(self._feed_forward(layer, x)))
+        memory = self.trm_model.encoder.norm(x)
+        # regulariser: the mean over a row's Q slots times its share n/Q of valid ones, squared
+        pooled = memory.sum(1) * to_device(n.float() / q, device).unsqueeze(1)  # [B, H]
+        reg = (pooled * pooled).sum() / pooled.shape[1]
+        return memory, src_mask, interest_seq, reg
 
-        # inputs of the active tokens only: features (+ ID) + position
-        flat = packer.host_index                                         # [T] into [B, M*L] or [B, L]
-        seq_pos = (flat // active.shape[1]) * l + flat % l               # [T] into [B, L]
-        seq_pos_dev = to_device(seq_pos, device)
-        # index_select: its backward is a fast index_add (indexing's is a slow accumulate)
-        x = self.position_embedding.weight.index_select(0, to_device(seq_pos % l, device))     # [T, H]
-        if self.use_id:
-            x = x + self.item_embedding.weight.index_select(0, to_device(item_seq.reshape(-1)[seq_pos], device))
-        if contextual:
-            modality = (flat % active.shape[1]) // l
-            for i, m in enumerate(self.modalities):
-                table, index = modal_emb[m]
-                x = x + table.index_select(0, index.reshape(-1)[seq_pos_dev]) * to_device(modality == i,
-                                                                                          device).unsqueeze(1)
+    def decoder_inputs(self, item_seq, item_seq_len, modal_emb, empty_masks):
+        """The decoder's tokens (SPEC 3.2 step 5) and the positions read out (step 6).
+
+        A token is an item's adapted features (+ its ID embedding, transductive_ft) + its position:
+        the features summed over the modalities (`seq_mm_fusion: add`), or one token per modality and
+        item (`contextual`), masked where that modality is missing. The output is the last item's
+        token, or with contextual fusion its token of every modality; the original reads only the
+        text one (`contextual_gather_quirk`, SPEC 3.2 QUIRK).
+
+        Returns:
+            (x float [B, L', H], tgt_mask bool [B, L'] True where not a key, out_pos long [B, P]).
+        """
+        device = self.position_embedding.weight.device
+        l = item_seq.shape[1]
+        seq = to_device(item_seq, device)
+        pad = seq == 0
+        feats = [table[to_device(index, device)] for table, index in (modal_emb[m] for m in self.modalities)]
+        extra = self.position_embedding.weight[:l] + (self.item_embedding(seq) if self.use_id else 0)
+        last = to_device(item_seq_len - 1, device).clamp(min=0).unsqueeze(1)   # [B, 1]
+        if self.seq_mm_fusion == 'add' or not self.modalities:
+            x, tgt_mask, out_pos = sum(feats) + extra, pad, last
         else:
-            for m in self.modalities:
-                table, index = modal_emb[m]
-                x = x + table.index_select(0, index.reshape(-1)[seq_pos_dev])
-        tokens = dropout(self.LayerNorm(x), self.dropout.p, self.training)   # [T, H]
+            x = torch.cat([f + extra for f in feats], dim=1)                     # [B, M*L, H]
+            tgt_mask = torch.cat([pad | to_device(empty_masks[m], device) for m in self.modalities], dim=1)
+            blocks = 1 if self.contextual_gather_quirk else len(self.modalities)
+            out_pos = last + l * torch.arange(blocks, device=device)
+        return self.dropout(self.LayerNorm(x)), tgt_mask, out_pos
 
-        # position of each output token inside the packed tokens
-        packed_index = active.reshape(-1).long().cumsum(0) - 1
-        query_rows = to_device(packed_index[(rows[:, None] * active.shape[1] + out_pos).reshape(-1)], device)
-        query_packer = Packer(torch.ones_like(out_pos, dtype=torch.bool), device)
-        return tokens, packer, to_device(key_mask, device), query_rows, query_packer, out_pos.shape[1]
+    def decode(self, x, tgt_mask, memory, src_mask, need_weights=False):
+        """The decoder stack, post-norm layers as torch's nn.TransformerDecoderLayer computes them, written
+        out to read the last layer's cross-attention weights (`need_weights`: [B, heads, L', Q]).
+        Without interest tokens (memory None) the cross-attention's context is 0. Returns (out
+        [B, L', H], weights or None)."""
+        weights = None
+        for layer in self.trm_model.decoder.layers:
+            x = layer.norm1(x + layer.dropout1(layer.self_attn(x, x, x, key_padding_mask=tgt_mask,
+                                                               need_weights=False)[0]))
+            if memory is None:
+                cross = layer.multihead_attn.out_proj.bias
+            else:
+                cross, weights = layer.multihead_attn(x, memory, memory, key_padding_mask=src_mask,
+                                                      need_weights=need_weights, average_attn_weights=False)
+            x = layer.norm2(x + layer.dropout2(cross))
+            x = layer.norm3(x + layer.dropout3(self._feed_forward(layer, x)))
+        return self.trm_model.decoder.norm(x), weights
+
+    @staticmethod
+    def _feed_forward(layer, x):
+        return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
 
     # --------------------------------------------------------------- item side
     def fused_logits(self, s, item_emb, item_ids=None):
@@ -415,93 +341,10 @@ class MISSRec(SeqTransformer):
         return self.fusion_factor
 
     # ---------------------------------------------------------- fine-tuning API
-    def finetune_seq_output(self, item_seq, item_seq_len, tables, pad_len=None, width_max=None):
-        """`seq_output` of fine-tuning: item_seq, item_seq_len on the host, tables {m: [N, H]}."""
-        device = self.position_embedding.weight.device
-        modal_emb = {m: (tables[m], to_device(item_seq, device)) for m in self.modalities}
-        contextual = self.seq_mm_fusion == 'contextual'
-        lookups, empty_tables = self.host_tables(empty_masks=contextual)
-        empty = {m: empty_tables[m][item_seq] for m in empty_tables}
-        ids = self.interest_ids(item_seq, lookups) if self.modalities else None
-        table = self.interest_embeddings if self.modalities else None
-        return self.seq_output(item_seq, item_seq_len, modal_emb, empty, ids, table, pad_len, width_max)
-
-    def forward(self, item_seq, item_seq_len, attention=False, pad_len=None):
-        """The fine-tuning sequence representation (SPEC 3.2) written plainly: padded tensors through
-        torch's own Transformer layers, as the original computes it. `finetune_seq_output` computes
-        the same values and gradients on packed tokens, faster (tests/test_forward.py); this is the
-        version to read.
-
-        Args:
-            item_seq: long [B, L] left-aligned item ids, 0 = PAD; item_seq_len: long [B].
-            attention: also return what the last decoder layer attended to (in eval mode; in
-                training the weights carry dropout).
-            pad_len: the original's padded length (the dataset's longest history); only the
-                regulariser depends on it.
-        Returns:
-            (s float [B, H] L2-normalised, reg scalar); with `attention` also a dict:
-            'interest_seq' long [B, Q]: each row's distinct interest ids, then 0 (PAD slots);
-            'attention' float [B, heads, Q]: the last decoder layer's cross-attention weights at
-            the output position over those slots (the mean over the output positions of
-            contextual fusion without the gather quirk).
-        """
-        if not self.modalities:
-            raise ValueError('forward: modal_type none has no interest tokens (use finetune_seq_output)')
-        if pad_len is not None:
-            item_seq = F.pad(item_seq, (0, pad_len - item_seq.shape[1]))
-        b, l = item_seq.shape
-        pad = item_seq == 0
-
-        # 1. encoder over the interest tokens: a row's distinct interests, then PAD slots (masked keys)
-        interest_seq, n = unique_interests(self.interest_ids(item_seq))         # [B, Qv], [B]
-        q = int((n + pad.any(1)).max())            # the original's width: a padded item adds the PAD interest
-        interest_seq = F.pad(interest_seq, (0, q - interest_seq.shape[1]))       # [B, Q]
-        src_mask = interest_seq == 0
-        memory = self.interest_embeddings[interest_seq]                         # [B, Q, H]
-        for layer in self.trm_model.encoder.layers:   # (the encoder's nested-tensor path would zero the PAD slots)
-            memory = layer(memory, src_key_padding_mask=src_mask)
-        memory = self.trm_model.encoder.norm(memory)
-        pooled = memory.sum(1) * (n / q).unsqueeze(1)                           # n/Q times the sum of all Q slots
-        reg = (pooled * pooled).sum() / pooled.shape[1]
-
-        # 2. decoder inputs: features (+ ID) + position of every item ('add') or item and modality
-        feats = [self.adaptor(m)(getattr(self, self._table_name(m))(item_seq)) for m in self.modalities]
-        extra = self.position_embedding.weight[:l] + (self.item_embedding(item_seq) if self.use_id else 0)
-        last = (item_seq_len - 1).unsqueeze(1)                                   # [B, 1]
-        if self.seq_mm_fusion == 'add':
-            x, tgt_mask, out_pos = sum(feats) + extra, pad, last
-        else:                                                                    # [B, M*L, H]
-            x = torch.cat([f + extra for f in feats], dim=1)
-            tgt_mask = torch.cat([pad | getattr(self, f'{self._table_name(m)}_empty_mask')[item_seq]
-                                  for m in self.modalities], dim=1)
-            blocks = 1 if self.contextual_gather_quirk else len(self.modalities)  # the quirk: the text block
-            out_pos = last + l * torch.arange(blocks, device=last.device)
-        x = self.dropout(self.LayerNorm(x))
-
-        # 3. decoder: torch's layers, the last one step by step as its post-norm forward, to read the
-        # cross-attention weights; the output is the mean over the output positions, normalised
-        *layers, final = self.trm_model.decoder.layers
-        for layer in layers:
-            x = layer(x, memory, tgt_key_padding_mask=tgt_mask, memory_key_padding_mask=src_mask)
-        x = final.norm1(x + final.dropout1(final.self_attn(x, x, x, key_padding_mask=tgt_mask,
-                                                           need_weights=False)[0]))
-        cross, weights = final.multihead_attn(x, memory, memory, key_padding_mask=src_mask, need_weights=True,
-                                              average_attn_weights=False)       # weights [B, heads, L', Q]
-        x = final.norm2(x + final.dropout2(cross))
-        x = final.norm3(x + final.dropout3(final.linear2(final.dropout(final.activation(final.linear1(x))))))
-        out = self.trm_model.decoder.norm(x)
-        rows = torch.arange(b, device=out.device).unsqueeze(1)
-        s = F.normalize(out[rows, out_pos].mean(1), dim=1)
-        if not attention:
-            return s, reg
-        at_output = weights.transpose(1, 2)[rows, out_pos].mean(1)              # [B, heads, Q]
-        return s, reg, {'interest_seq': interest_seq, 'attention': at_output}
-
     def _all_item_logits(self, batch, width_max=None):
         tables = self.adapted_tables()                                   # [N, H] per modality
         host = batch.get('host', batch)
-        s, reg = self.finetune_seq_output(host['item_seq'], host['item_seq_len'], tables,
-                                          batch.get('pad_len'), width_max)
+        s, reg = self(host['item_seq'], host['item_seq_len'], batch.get('pad_len'), tables, width_max)
         item_emb = dict(tables)
         if self.use_id:
             item_emb['id'] = self.item_embedding.weight

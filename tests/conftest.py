@@ -23,6 +23,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _plain(model, run):
+    model.forward_path = 'plain'
+    try:
+        return run()
+    finally:
+        model.forward_path = 'packed'
+
+
+@pytest.fixture
+def plain():
+    """plain(model, run) -> run() with the model on `forward_path: plain`, the padded code of
+    missrec.py that the packed fast path (the default) must equal."""
+    return _plain
+
+
 @pytest.fixture(scope='session')
 def make_demo(tmp_path_factory):
     """Demo datasets, each written once per session:

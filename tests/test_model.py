@@ -1,14 +1,16 @@
-"""The model of SPEC 3 against literal padded re-statements (tests/reference.py)."""
+"""The model of SPEC 3: the packed fast path (the default) against the plain padded code of
+missrec.py (`forward_path: plain`), the scores against a literal statement of SPEC 3.3, the
+interest tables, the original's state-dict names and initialisation, the regulariser's draws."""
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import tests.reference as ref
 from config import Config
-from missrec import MISSRec, unique_interests
-from model_utils import query_only_sums
+from missrec import MISSRec
+from model_utils import unique_interests
+from packed import query_only_sums
 
 N = 40
 
@@ -46,27 +48,46 @@ def batch(seed=0, lengths=(1, 3, 9, 2, 5, 9, 4), width=9):
     return seq, lens
 
 
+def literal_scores(model, s):
+    """SPEC 3.3 written literally: [B, N] logits / temperature, a two-way softmax for the fusion."""
+    t = {m: model.adaptor(m)(getattr(model, model._table_name(m)).weight) for m in model.modalities}
+    if len(t) == 2:
+        x = torch.stack([s @ F.normalize(t[m], dim=1).t() for m in ('text', 'img')], -1)
+        if model.item_mm_fusion == 'static':
+            fused = x.mean(-1)
+        else:
+            fused = (x * F.softmax(x * model.fusion_factor.unsqueeze(-1), -1)).sum(-1)
+        if model.use_id:
+            fused = (s @ F.normalize(model.item_embedding.weight, dim=1).t() + 2 * fused) / 3
+    else:
+        emb = sum(t.values()) if t else 0
+        if model.use_id:
+            emb = emb + model.item_embedding.weight
+        fused = s @ F.normalize(emb, dim=1).t()
+    return fused / model.temperature
+
+
 CASES = list(itertools.product(['transductive_ft', 'inductive_ft'],
                                ['static', 'dynamic_shared', 'dynamic_instance'],
                                ['add', 'contextual'], ['img_text', 'text', 'img']))
 
 
 @pytest.mark.parametrize('stage,item_fusion,seq_fusion,modal', CASES)
-def test_packed_forward_equals_padded_nn_transformer(stage, item_fusion, seq_fusion, modal):
+def test_packed_forward_equals_the_plain_path(stage, item_fusion, seq_fusion, modal, plain):
     model = small_model(train_stage=stage, item_mm_fusion=item_fusion, seq_mm_fusion=seq_fusion,
                         modal_type=modal)
     seq, lens = batch()
     with torch.no_grad():
-        s, reg = model.finetune_seq_output(seq, lens, model.adapted_tables())
-        s_ref, reg_ref = ref.seq_output(model, seq, lens)
+        s, reg = model(seq, lens)
+        s_ref, reg_ref = plain(model, lambda: model(seq, lens))
         scores = model.full_sort_predict({'item_seq': seq, 'item_seq_len': lens})
-        scores_ref = ref.scores(model, s_ref)
+        scores_ref = literal_scores(model, s_ref)
     assert torch.allclose(s, s_ref, atol=1e-5)
     assert torch.allclose(reg, reg_ref, rtol=1e-5)
     assert torch.allclose(scores, scores_ref, atol=1e-4)
 
 
-def test_rows_with_many_distinct_interests_match_the_reference():
+def test_rows_with_many_distinct_interests_match_the_plain_path(plain):
     """Up to 18 distinct interests per row: several encoder buckets of different widths."""
     model = small_model()
     n = N - 1
@@ -76,8 +97,8 @@ def test_rows_with_many_distinct_interests_match_the_reference():
     distinct = [len(set(r.tolist()) - {0}) for r in model.interest_ids(seq)]
     assert max(distinct) > 8 and min(distinct) <= 2
     with torch.no_grad():
-        s, reg = model.finetune_seq_output(seq, lens, model.adapted_tables())
-        s_ref, reg_ref = ref.seq_output(model, seq, lens)
+        s, reg = model(seq, lens)
+        s_ref, reg_ref = plain(model, lambda: model(seq, lens))
     assert torch.allclose(s, s_ref, atol=1e-5) and torch.allclose(reg, reg_ref, rtol=1e-5)
 
 
@@ -91,14 +112,14 @@ def test_packed_forward_on_cuda_equals_the_cpu():
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-3)
 
 
-def test_loss_equals_reference_cross_entropy_plus_regulariser():
+def test_loss_equals_literal_cross_entropy_plus_regulariser(plain):
     model = small_model()
     seq, lens = batch()
     target = torch.tensor([3, 1, 8, 0, 12, 39, 2])      # PAD column 0 is a valid class in training
     with torch.no_grad():
         loss = model.calculate_loss({'item_seq': seq, 'item_seq_len': lens, 'item_id': target})
-        s_ref, reg_ref = ref.seq_output(model, seq, lens)
-        expected = F.cross_entropy(ref.scores(model, s_ref), target) + model.gamma * reg_ref
+        s_ref, reg_ref = plain(model, lambda: model(seq, lens))
+        expected = F.cross_entropy(literal_scores(model, s_ref), target) + model.gamma * reg_ref
     assert torch.allclose(loss, expected, rtol=1e-5)
 
 
@@ -107,12 +128,12 @@ def test_trailing_padding_does_not_change_the_representation():
     seq, lens = batch()
     wide = torch.cat([seq, torch.zeros(seq.shape[0], 20, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        s, _ = model.finetune_seq_output(seq, lens, model.adapted_tables())
-        s_wide, _ = model.finetune_seq_output(wide, lens, model.adapted_tables())
+        s, _ = model(seq, lens)
+        s_wide, _ = model(wide, lens)
     assert torch.allclose(s, s_wide, atol=1e-6)
 
 
-def test_regulariser_in_the_original_padded_layout():
+def test_regulariser_in_the_original_padded_layout(plain):
     """With pad_len, reg equals the padded original exactly; without it the
     difference (one PAD slot more or less per row) stays small."""
     model = small_model()
@@ -120,9 +141,9 @@ def test_regulariser_in_the_original_padded_layout():
     pad_len = 30
     padded = torch.cat([seq, torch.zeros(seq.shape[0], pad_len - seq.shape[1], dtype=torch.long)], 1)
     with torch.no_grad():
-        _, reg_orig = ref.seq_output(model, padded, lens)
-        _, reg = model.finetune_seq_output(seq, lens, model.adapted_tables(), pad_len=pad_len)
-        _, reg_trimmed = model.finetune_seq_output(seq, lens, model.adapted_tables())
+        _, reg_orig = plain(model, lambda: model(padded, lens))
+        _, reg = model(seq, lens, pad_len=pad_len)
+        _, reg_trimmed = model(seq, lens)
     assert torch.allclose(reg, reg_orig, rtol=1e-5)
     assert abs(float(reg_trimmed - reg_orig)) / float(reg_orig) < 0.25
     # weighted by gamma = 1e-4 in the loss, the difference is negligible
@@ -228,16 +249,15 @@ def test_regulariser_of_batch_shares_adds_up_with_the_global_width():
     seq, lens = batch()
     tables = model.adapted_tables()
     with torch.no_grad():
-        _, whole = model.finetune_seq_output(seq, lens, tables, pad_len=9)
+        _, whole = model(seq, lens, pad_len=9, tables=tables)
         # the original's padded width: distinct interests + 1 for a padded item (a history shorter than 9)
         widths = [int((unique_interests(model.interest_ids(seq[p]))[1] + (lens[p] < 9).long()).max())
                   for p in (slice(0, 2), slice(2, None))]
         assert widths[0] != widths[1]          # the shares' own widths differ: the check below can fail
         shares, local = 0, 0
         for part in (slice(0, 2), slice(2, None)):
-            shares += model.finetune_seq_output(seq[part], lens[part], tables, pad_len=9,
-                                                width_max=lambda x: max(x, *widths))[1]
-            local += model.finetune_seq_output(seq[part], lens[part], tables, pad_len=9)[1]
+            shares += model(seq[part], lens[part], pad_len=9, tables=tables, width_max=lambda x: max(x, *widths))[1]
+            local += model(seq[part], lens[part], pad_len=9, tables=tables)[1]
     assert torch.allclose(shares, whole, rtol=1e-5)
     assert not torch.allclose(local, whole, rtol=1e-3)
 
@@ -254,10 +274,10 @@ def _reg_draws(fn, n=300):
 
 
 @pytest.mark.parametrize('draws,n_layers', [('independent', 2), ('independent', 4), ('shared', 2)])
-def test_training_regulariser_is_distributed_as_the_padded_original(draws, n_layers):
+def test_training_regulariser_is_distributed_as_the_padded_original(draws, n_layers, plain):
     """In training every PAD slot of the original's padded layout has its own dropout draw:
-    mean and spread of reg and of its gradient over many draws match the literal padded
-    reference, with one encoder layer (the dedicated pass) and with two (padded slots as
+    mean and spread of reg and of its gradient over many draws match the plain padded path
+    (`forward_path: plain`), with one encoder layer (the dedicated pass) and with two (padded slots as
     query tokens of the rows); one shared draw per row (`reg_pad_draws: shared`) does not."""
     model = small_model(reg_pad_draws=draws, n_layers=n_layers).train()
     seq, lens = batch(lengths=(1, 3, 9, 2, 1, 9, 1, 2))
@@ -265,10 +285,10 @@ def test_training_regulariser_is_distributed_as_the_padded_original(draws, n_lay
     tables = model.adapted_tables()
 
     def ours():
-        return model.finetune_seq_output(seq, lens, tables)[1]
+        return model(seq, lens, tables=tables)[1]
 
     def literal():
-        return ref.seq_output(model, seq, lens)[1]
+        return plain(model, lambda: model(seq, lens))[1]
 
     ours.weight = literal.weight = model.trm_model.encoder.layers[0].linear1.weight
     (v, g), (v_ref, g_ref) = _reg_draws(ours), _reg_draws(literal)

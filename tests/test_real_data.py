@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import tests.reference as ref
 from config import Config, stage_files
 from data.dataset import SeqDataset
 from data.loader import SeqBatches
@@ -39,7 +38,7 @@ def test_scientific_mini_is_read_as_described(mini):
     assert not ds.img_table[1:].sum(-1).eq(0).any()
 
 
-def test_packed_model_equals_nn_transformer_on_real_features(mini):
+def test_packed_model_equals_the_plain_path_on_real_features(mini, plain):
     ds = mini
     torch.manual_seed(0)
     cfg = config(kmeans_mode='lloyd')                             # real, varied interest tokens
@@ -47,11 +46,10 @@ def test_packed_model_equals_nn_transformer_on_real_features(mini):
     Trainer(cfg, model, torch.device('cpu')).discover(0)
     batch = next(iter(SeqBatches(ds.splits['valid'], 256, pad_len=ds.pad_len)))
     with torch.no_grad():
-        s, reg = model.finetune_seq_output(batch['item_seq'], batch['item_seq_len'], model.adapted_tables(),
-                                           pad_len=ds.pad_len)
+        s, reg = model(batch['item_seq'], batch['item_seq_len'], pad_len=ds.pad_len)
         padded = torch.zeros(len(batch['item_seq']), ds.pad_len, dtype=torch.long)
         padded[:, :batch['item_seq'].shape[1]] = batch['item_seq']
-        s_ref, reg_ref = ref.seq_output(model, padded, batch['item_seq_len'])
+        s_ref, reg_ref = plain(model, lambda: model(padded, batch['item_seq_len']))
     assert torch.allclose(s, s_ref, atol=1e-5)
     assert torch.allclose(reg, reg_ref, rtol=1e-4)
 

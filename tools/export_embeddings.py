@@ -85,7 +85,7 @@ def sequence_vectors(model, split, batch_size=1024, pad_len=None):
     tables = model.adapted_tables()
     out = []
     for batch in SeqBatches(split, batch_size, pad_len=pad_len):
-        s, _ = model.finetune_seq_output(batch['item_seq'], batch['item_seq_len'], tables, pad_len)
+        s, _ = model(batch['item_seq'], batch['item_seq_len'], pad_len, tables)
         out.append(s)
     return torch.cat(out) if out else torch.zeros(0, model.hidden_size)
 

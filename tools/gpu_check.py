@@ -66,7 +66,7 @@ STEPS = {'kernels': 100, 'finetune': 100, 'bench': 60, 'pretrain': 70, 'nccl': 6
 # marker: this module is also the pytest plugin that selects them, pytest_collection_modifyitems),
 # and a short CPU subset beside them (CI runs the whole suite).
 # (about 150 s of one core here; its longest test about 35 s)
-CPU_SUBSET = ('tests/test_cluster.py', 'tests/test_model.py', 'tests/test_model_utils.py', 'tests/test_metrics.py',
+CPU_SUBSET = ('tests/test_cluster.py', 'tests/test_model.py', 'tests/test_packed.py', 'tests/test_metrics.py',
               'tests/test_checkpoints.py', 'tests/test_config.py', 'tests/test_data.py', 'tests/test_trainer.py',
               'tests/test_sasrec.py', 'tests/test_bad_input.py', 'tests/test_finetune_e2e.py', 'tests/test_recommend.py',
               'tests/test_eval_only.py')
