@@ -38,7 +38,8 @@ from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
 from missrec import MISSRec
 from sasrec import Pop, SASRec, TextSim
-from trainer import DiscoveryFailed, Pretrainer, Trainer, claim_run_id, init_logger, init_seed, start_logging
+from run_log import claim_run_id, init_logger, init_seed, start_logging
+from trainer import DiscoveryFailed, Pretrainer, Trainer
 
 logger = logging.getLogger(__name__)
 

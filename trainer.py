@@ -18,12 +18,8 @@ The log lines follow the original's, so logs compare line by line:
 import ctypes
 import functools
 import logging
-import logging.handlers
 import math
 import os
-import random
-import secrets
-import sys
 import time
 
 import numpy as np
@@ -41,22 +37,12 @@ from curves import term_column
 from data.loader import to_device
 from data.pretrain import PretrainBatches
 from missrec import MISSRec
+from run_log import init_seed, new_run_id
 
 logger = logging.getLogger(__name__)
-_FORMAT = logging.Formatter('%(asctime)s %(levelname)s  %(message)s', datefmt='%a %d %b %Y %H:%M:%S')
-_HANDLERS = []   # what start_logging / init_logger added to the root logger
 
 
 # ----------------------------------------------------------------- utilities
-def init_seed(seed, reproducibility=True):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = not reproducibility
-    torch.backends.cudnn.deterministic = reproducibility
-
-
 class HeapTrimmer:
     """Returns freed heap memory to the system at most every few seconds.
 
@@ -79,79 +65,13 @@ class HeapTrimmer:
             self.last = time.perf_counter()
 
 
-def start_logging(main_process=True):
-    """Log in the original's format through the root logger, so that the loggers of every module
-    (`logging.getLogger(__name__)`) and Python warnings reach the console and, once `init_logger`
-    opens it, the run's log file; until then the records are kept (a run checks its inputs before
-    it writes anything, and their warnings belong in its log). Other ranks log warnings only."""
-    root = logging.getLogger()
-    for handler in _HANDLERS:
-        root.removeHandler(handler)
-        handler.close()
-    _HANDLERS[:] = [logging.StreamHandler(sys.stdout), logging.handlers.BufferingHandler(capacity=10_000)]
-    root.setLevel(logging.INFO if main_process else logging.WARNING)
-    logging.captureWarnings(True)
-    for handler in _HANDLERS:
-        handler.setFormatter(_FORMAT)
-        root.addHandler(handler)
-
-
-def init_logger(config, name_parts, main_process=True):
-    """Open the run's log file `{log_dir}/{name}.log` (rank 0 only) with the records kept since
-    `start_logging` (called here if it was not); returns its path (None on other ranks)."""
-    if not _HANDLERS or type(_HANDLERS[-1]) is not logging.handlers.BufferingHandler:
-        start_logging(main_process)
-    root = logging.getLogger()
-    kept = _HANDLERS.pop()
-    root.removeHandler(kept)
-    records = list(kept.buffer)
-    kept.close()                                                       # (closing empties the buffer)
-    if not main_process:
-        return None
-    os.makedirs(config['log_dir'], exist_ok=True)
-    path = log_file(config, name_parts)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(_FORMAT)
-    for record in records:
-        handler.handle(record)
-    _HANDLERS.append(handler)
-    root.addHandler(handler)
-    return path
-
-
-def local_time():
-    return time.strftime('%b-%d-%Y_%H-%M-%S')
-
-
-def claim_run_id(config, name_parts):
-    """A run id no other run has: the start time and a random suffix, claimed by creating the
-    run's log file `{log_dir}/{name_parts}-{id}.log` exclusively (rank 0; every rank gets the id).
-    The log, the best checkpoint and `-last.pth` are named after it, so runs started in the same
-    second (a sweep, several GPUs of one machine, a shared folder) never write each other's files.
-    Processes restarted by torchrun (--max-restarts) get their job's id back, and so its files."""
-    def claim():
-        os.makedirs(config['log_dir'], exist_ok=True)
-        while True:
-            candidate = f'{local_time()}-{secrets.token_hex(3)}'
-            try:
-                open(log_file(config, name_parts + [candidate]), 'x').close()
-                return candidate
-            except FileExistsError:
-                continue
-    return D.job_value('run_id', claim)
-
-
-def log_file(config, name_parts):
-    return os.path.join(config['log_dir'], '-'.join(p for p in name_parts if p) + '.log')
-
-
 def has_unused_parameters(model):
     """True when a trainable parameter never gets a gradient, which DDP must be told: with
     modal_type none the interest encoder and the decoder's cross-attention have no input; with
     transductive_ft and id_type none the ID embedding exists (the original's module) but is unused."""
     def trainable(module):
         return module is not None and any(p.requires_grad for p in module.parameters())
-    if not isinstance(model, MISSRec):   # the baselines (sasrec.py) use every parameter
+    if getattr(model, 'modalities', None) is None:   # the baselines (sasrec.py) use every parameter
         return False
     return ((not model.modalities and trainable(model.trm_model.encoder))
             or (not model.use_id and trainable(model.item_embedding)))
@@ -163,14 +83,15 @@ class DiscoveryFailed(RuntimeError):
 
 class _LossForward(nn.Module):
     """What DDP wraps: its forward is the model's `calculate_loss` (MISSRec has no forward);
-    with `parts` it returns (loss, {term: value}) (`MISSRec.calculate_loss`)."""
+    with `parts` it returns (loss, {term: value}) (`MISSRec.calculate_loss`; the baselines'
+    take no `parts`)."""
 
-    def __init__(self, model, parts=False):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.parts = model, parts
+        self.model = model
 
-    def forward(self, batch, gather):
-        if self.parts:
+    def forward(self, batch, gather, parts=False):
+        if parts:
             return self.model.calculate_loss(batch, gather, parts=True)
         return self.model.calculate_loss(batch, gather)
 
@@ -199,7 +120,7 @@ class _Loop:
         self.clip_grad_norm = config['clip_grad_norm']
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config['learning_rate'], weight_decay=config['weight_decay'])
-        self.loss = _LossForward(model, parts=loss_parts)
+        self.loss = _LossForward(model)
         self.loss_parts = loss_parts
         self.epoch_parts = {}   # the epoch's sums of the loss terms (tensors: read once, at its end)
         if D.is_dist() and synced:   # wrap once: train through the wrapper, save `model` (interest discovery broadcasts
@@ -292,7 +213,7 @@ class _Loop:
         gather = self.gather
         if gather is not None:   # every rank's share of the global batch is known: no sizes to exchange
             gather = functools.partial(gather, sizes=D.share_sizes(batch['global_rows']))
-        loss = self.loss(to_device(batch, self.device), gather)
+        loss = self.loss(to_device(batch, self.device), gather, parts=self.loss_parts)
         if self.loss_parts:
             loss, parts = loss
             for k, v in parts.items():
@@ -378,7 +299,7 @@ class Trainer(_Loop):
         self.stopping_step = config['stopping_step']
         self.original_metrics = config['eval_topk_plus_one']
         self.valid_metric = config['valid_metric'].lower()
-        run_id = run_id or D.broadcast_object(f'{local_time()}-{secrets.token_hex(3)}')   # one name on every rank
+        run_id = run_id or D.broadcast_object(new_run_id())   # one name on every rank
         self.saved_model_file = os.path.join(config['checkpoint_dir'], f"{config['model']}-{run_id}.pth")
         self.cur_step = 0
         self.best_valid_score = -np.inf

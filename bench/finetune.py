@@ -33,7 +33,8 @@ from config import Config, parse_overrides, stage_files  # noqa: E402
 from data.dataset import SeqDataset  # noqa: E402
 from data.loader import SeqBatches  # noqa: E402
 from missrec import MISSRec  # noqa: E402
-from trainer import Trainer, init_seed  # noqa: E402
+from run_log import init_seed  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 from baseline import extract_revision  # noqa: E402  (bench/ is on the path of a bench script)
 

@@ -30,7 +30,8 @@ import trainer as trainer_module  # noqa: E402
 from data.loader import SeqBatches  # noqa: E402
 from data.pretrain import PretrainDataset  # noqa: E402
 from missrec import MISSRec  # noqa: E402
-from trainer import Pretrainer, Trainer, init_seed  # noqa: E402
+from run_log import init_seed  # noqa: E402
+from trainer import Pretrainer, Trainer  # noqa: E402
 
 MINI = os.path.join(ROOT, '..', 'shared', 'datasets', 'downstream')
 # aten operations whose result the host must read (a scalar, or an output size that depends on values)

@@ -18,7 +18,8 @@ import quick_start
 from config import Config, stage_files
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
-from trainer import Pretrainer, Trainer, init_seed
+from run_log import init_seed
+from trainer import Pretrainer, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'plm_size': 32, 'img_size': 32, 'hidden_size': 32, 'inner_size': 32, 'n_heads': 2,

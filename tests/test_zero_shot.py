@@ -18,7 +18,8 @@ import torch
 import quick_start
 from missrec import MISSRec
 from tools.make_demo_data import _inter_bytes, pretrain_rows, split_rows, write_downstream, write_pretrain
-from trainer import Trainer, init_seed
+from run_log import init_seed
+from trainer import Trainer
 
 TINY = ['--plm_size=32', '--img_size=32', '--hidden_size=32', '--inner_size=32', '--n_heads=2',
         '--show_progress=False', '--use_gpu=False']
