@@ -76,7 +76,8 @@ DEFAULTS = {
     'lambda': 1e-3,
     'gamma': 1e-4,
     # PAD interest slots in training: each its own dropout draw, as the original (SPEC 3.2
-    # step 4), or one shared draw counted Q - n times (faster, a different distribution)
+    # step 4), or one shared draw counted Q - n times (faster, a different distribution; packed
+    # path only: the plain path computes every slot)
     'reg_pad_draws': 'independent',
     # the sequence encoder: 'packed' (packed.py, the fast path) or 'plain' (missrec.py, padded tensors
     # as the original computes them); the same values and gradients
