@@ -13,7 +13,7 @@ whole `finetune.py` runs (run01 setting, `--epochs`) of this tree and, with
 epoch from the log lines, and each run's peak RSS (whole process).
 
 Prints a table and ends with one line `RESULT key=value ...`. The original
-code's figures on the same data and machine kind (ORIGINAL_ON_MINI.md): a
+code's figures on the same data and machine kind (docs/original-on-mini.md): a
 median training epoch of 63.1 s (run01) and a median validation of 5.1 s.
 """
 import argparse

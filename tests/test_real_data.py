@@ -55,7 +55,7 @@ def test_packed_model_equals_the_plain_path_on_real_features(mini, plain):
 
 
 def test_original_clustering_collapses_as_the_original_did(mini):
-    """SPEC 3.1 / ORIGINAL_ON_MINI.md: the original k-means maps every item to one zero interest."""
+    """SPEC 3.1 / docs/original-on-mini.md: the original k-means maps every item to one zero interest."""
     ds = mini
     torch.manual_seed(2020)
     model = MISSRec(config(), ds.n_items, ds.plm_table, ds.img_table)
