@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import quick_start
-from config import Config, ConfigError, stage_files
+from config import Config, ConfigError, parse_overrides, stage_files
 from data.dataset import DataError
 from data.pretrain import PretrainBatches, PretrainDataset, batch_seed, build_batch, draw_augmentation, item_drop
 from missrec import MISSRec
@@ -142,15 +142,50 @@ def test_quirk_keeps_unaugmented_image_side(pre):
 
 
 # ----------------------------------------------------------------- training
-@pytest.mark.parametrize('extra', [['--modal_type=text'], ['--modal_type=img'],
-                                   ['--item_mm_fusion=dynamic_instance'], ['--seq_mm_fusion=contextual'],
-                                   ['--item_drop_quirk=False', '--item_drop_coefficient=0.5']])
-def test_pretraining_variants_run(pre, tmp_path, extra):
-    out = pretrain(pre, tmp_path, '--pretrain_epochs=1', '--save_step=1', '--train_batch_size=128', *extra)
-    assert len(out['losses']) == 1 and out['losses'][0] > 0
-    ckpt = torch.load(out['checkpoints'][0], weights_only=True)
-    assert ckpt['epoch'] == 0 and os.path.basename(out['checkpoints'][0]) == 'MISSRec-DemoPT-1.pth'
-    assert ckpt['config']['train_stage'] == 'pretrain'
+@pytest.fixture(scope='module')
+def variant_losses(pre, tmp_path_factory):
+    """variant_losses(*flags) -> [epoch 0 loss, epoch 1 loss] of a two-epoch pre-training run, each
+    setting run once. One batch per epoch (1,074 rows): epoch 0's loss is the initial model's (the
+    same weights and dropout draws for every setting), epoch 1's the loss after one optimiser step."""
+    done = {}
+
+    def losses(*extra):
+        if extra not in done:
+            out = pretrain(pre, tmp_path_factory.mktemp('variant'), '--pretrain_epochs=2', '--save_step=1',
+                           '--train_batch_size=2048', *extra)
+            ckpt = torch.load(out['checkpoints'][0], weights_only=True)
+            assert ckpt['epoch'] == 0 and os.path.basename(out['checkpoints'][0]) == 'MISSRec-DemoPT-1.pth'
+            assert ckpt['config']['train_stage'] == 'pretrain'
+            assert {k: ckpt['config'][k] for k in parse_overrides(extra)} == parse_overrides(extra)
+            assert len(out['losses']) == 2 and all(v > 0 for v in out['losses'])
+            done[extra] = out['losses']
+        return done[extra]
+    return losses
+
+
+@pytest.mark.parametrize('extra, base, changed', [
+    # a computation of its own from the first step
+    (['--modal_type=text'], [], 'from the first step'),
+    (['--modal_type=img'], [], 'from the first step'),
+    (['--seq_mm_fusion=contextual'], [], 'from the first step'),
+    (['--item_drop_coefficient=1.0', '--item_drop_quirk=False'], ['--item_drop_coefficient=1.0'],
+     'from the first step'),                                          # every batch item-dropped
+    # per-item fusion factors start at 0 like the shared one: the same first step, then other updates
+    (['--item_mm_fusion=dynamic_instance'], [], 'after the first step'),
+    # the quirk is item drop's (none with word drop only); one modality has nothing to fuse
+    (['--item_drop_coefficient=0.0', '--item_drop_quirk=False'], ['--item_drop_coefficient=0.0'], 'nothing'),
+    (['--modal_type=text', '--item_mm_fusion=dynamic_instance'], ['--modal_type=text'], 'nothing'),
+])
+def test_pretraining_variants_change_the_loss_where_they_should(variant_losses, extra, base, changed):
+    """Each setting reaches the training computation: with the same seed its losses differ from those of
+    the run without it where it changes the computation, and are the same, bit for bit, where it does not."""
+    got, expected = variant_losses(*extra), variant_losses(*base)
+    if changed == 'from the first step':
+        assert got[0] != expected[0]
+    elif changed == 'after the first step':
+        assert got[0] == expected[0] and got[1] != expected[1]
+    else:
+        assert got == expected
 
 
 @pytest.mark.parametrize('quirk', [True, False])
@@ -196,15 +231,25 @@ def test_resume_reproduces_uninterrupted_run(pre, tmp_path):
 
 
 def test_log_lines(pre, tmp_path):
-    out = pretrain(pre, tmp_path, '--pretrain_epochs=1', '--train_batch_size=256')
-    log = open(out['log']).read()
-    loss = float(re.search(r'epoch 0 training \[time: [\d.]+s, train loss: ([\d.]+)\]', log).group(1))
-    assert 'interests used' in log
-    # the loss terms of the epoch, which sum to its loss
-    terms = re.search(r'epoch 0 loss terms \[seq_item: ([\d.]+), lambda\*seq_seq: ([\d.]+), gamma\*reg: ([\d.]+)\]',
-                      log).groups()
-    assert sum(map(float, terms)) == pytest.approx(loss, abs=2e-4)
-    assert all(float(t) > 0 for t in terms)
+    """The epoch's loss and its terms as logged: the terms sum to the loss, and each is its own weight
+    times its own loss: with lambda 10 times and gamma 100 times the default (and learning rate 0, so
+    that both runs score every batch with the same model) seq_item stays, the others scale by 10 and 100."""
+    def logged(folder, *extra):
+        out = pretrain(pre, folder, '--pretrain_epochs=1', '--train_batch_size=256', '--learning_rate=0', *extra)
+        log = open(out['log']).read()
+        loss = float(re.search(r'epoch 0 training \[time: [\d.]+s, train loss: ([\d.]+)\]', log).group(1))
+        assert 'interests used' in log and loss == pytest.approx(out['losses'][0], abs=1e-4)
+        terms = re.search(r'epoch 0 loss terms \[seq_item: ([\d.]+), lambda\*seq_seq: ([\d.]+), '
+                          r'gamma\*reg: ([\d.]+)\]', log).groups()
+        terms = [float(t) for t in terms]
+        assert sum(terms) == pytest.approx(loss, abs=2e-4)
+        return terms
+    base = logged(tmp_path / 'base')
+    assert all(t > 0 for t in base)
+    item, pair, reg = logged(tmp_path / 'scaled', '--lambda=0.01', '--gamma=0.01')
+    assert item == base[0]
+    assert pair == pytest.approx(10 * base[1], abs=10 * 5e-5 + 5e-5)          # (4 decimals in the log)
+    assert reg == pytest.approx(100 * base[2], abs=100 * 5e-5 + 5e-5)
 
 
 def test_original_regime_trains_rank0_share_and_resumes_exactly(pre, tmp_path):
