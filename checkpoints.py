@@ -35,10 +35,16 @@ import torch
 
 import distributed as D
 import original_pickle
+from config import DEFAULTS, MODELS, Config, ConfigError
+from data.dataset import SeqDataset
 from io_utils import atomic_open
+from missrec import MISSRec
+from run_log import init_seed
+from sasrec import Pop, SASRec, TextSim
 
 __all__ = ['load_checkpoint', 'state_dict_of', 'save_checkpoint', 'resume_from', 'load_pretrained',
-           'shape_mismatches', 'CheckpointError', 'UnsafeCheckpointError', 'check_writable']
+           'shape_mismatches', 'CheckpointError', 'UnsafeCheckpointError', 'check_writable', 'build_model',
+           'model_from_checkpoint', 'STRUCTURE_KEYS']
 
 logger = logging.getLogger(__name__)
 
@@ -235,3 +241,122 @@ def load_pretrained(model, path, freeze):
     if skipped:
         lines.append(f'interest tables of the checkpoint (rebuilt by interest discovery): {skipped}')
     return lines
+
+
+# --------------------------------------------------- a model from a checkpoint
+# The one rule of what a checkpoint's stored config decides over the caller's: the keys that give the
+# model its parameters' shapes or its evaluation forward. Everything else (the data: dataset, data_path,
+# feature files; evaluation; devices) is the caller's: finetune.py --eval_only's command line, or, for
+# recommend.py and the tools, which take no such flags, the rest of the checkpoint's own config.
+STRUCTURE_KEYS = ('model', 'train_stage', 'n_layers', 'n_heads', 'hidden_size', 'inner_size', 'hidden_act',
+                  'layer_norm_eps', 'plm_size', 'img_size', 'temperature', 'modal_type', 'id_type',
+                  'seq_mm_fusion', 'item_mm_fusion', 'contextual_gather_quirk', 'interest_ratio',
+                  'MAX_ITEM_LIST_LENGTH')
+# what a pre-training checkpoint does not decide: the fine-tuning stage and the downstream interest ratio
+STAGE_KEYS = ('train_stage', 'interest_ratio')
+# what the checkpoint's own config does not carry over: evaluation and optimiser settings (the original's
+# may hold values this project rejects), devices
+_NOT_CARRIED = ('dataset', 'metrics', 'topk', 'valid_metric', 'eval_step', 'stopping_step', 'learner',
+                'clip_grad_norm', 'metric_decimal_place', 'epochs', 'pretrain_epochs', 'save_step')
+
+
+def build_model(config, dataset):
+    """The model `config['model']` names (MISSRec, or a baseline of sasrec.py) for a `SeqDataset`, on the CPU."""
+    name = config['model']
+    if name == 'SASRec':
+        return SASRec(config, dataset.n_items)
+    if name == 'Pop':
+        return Pop(dataset.splits['train']['item_id'], dataset.n_items)
+    if name == 'TextSim':
+        return TextSim(dataset.plm_table, config['textsim_decay'])
+    return MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
+
+
+def own_config(stored, path, dataset=None, data_path=None):
+    """The checkpoint's own config as a `Config` (keys this project does not know, e.g. the original
+    RecBole ones, dropped; on the CPU), with `dataset` / `data_path` in place of the stored ones."""
+    name = dataset or stored.get('dataset')
+    if not name:
+        raise CheckpointError(f'{path}: the checkpoint stores no dataset name; pass -d DATASET')
+    if stored.get('train_stage') == 'pretrain':
+        raise CheckpointError(f'{path}: a pre-training checkpoint (train_stage pretrain); expected a fine-tuned '
+                              'one (train_stage transductive_ft or inductive_ft)')
+    overrides = {k: v for k, v in stored.items() if k in DEFAULTS and k not in _NOT_CARRIED}
+    if data_path:
+        overrides['data_path'] = data_path
+    else:
+        # The original stores data_path joined with the dataset name ('dataset/downstream/D').
+        dp = overrides.get('data_path')
+        if (isinstance(dp, str) and dp and os.path.basename(os.path.normpath(dp)) == stored.get('dataset')
+                and not os.path.isdir(os.path.join(dp, name))):
+            overrides['data_path'] = os.path.dirname(os.path.normpath(dp))
+    overrides.update(use_gpu=False, show_progress=False)
+    try:
+        return Config(dataset=name, overrides=overrides)
+    except ConfigError as e:
+        raise CheckpointError(f'{path}: stored config: {e}') from None
+
+
+def with_structure(config, stored, path, pretrained=False):
+    """`config` with the model structure of the checkpoint's stored config (STRUCTURE_KEYS; for a
+    pre-training checkpoint, `pretrained`, but STAGE_KEYS), and the lines saying which values the
+    checkpoint changed."""
+    values, lines = config.to_dict(), []
+    for key in STRUCTURE_KEYS:
+        if pretrained and key in STAGE_KEYS:
+            continue
+        if key in stored and stored[key] != values[key] and not (key == 'model' and stored[key] not in MODELS):
+            lines.append(f'{key} = {stored[key]!r} (from the checkpoint; the command line says {values[key]!r})')
+            values[key] = stored[key]
+    values['pretrained_file'] = path if pretrained else ''
+    try:
+        return Config(dataset=values.pop('dataset'), overrides=values), lines
+    except ConfigError as e:
+        raise CheckpointError(f'{path}: stored config: {e}') from None
+
+
+def model_from_checkpoint(path, config=None, device='cpu', dataset=None, data_path=None):
+    """The model a checkpoint describes, and its dataset: the one way finetune.py --eval_only,
+    recommend.py and the tools build a model from a checkpoint (ours, or the original code's).
+
+    The caller's `config` (None: the checkpoint's own, `own_config`, with `dataset` / `data_path`)
+    takes the checkpoint's STRUCTURE_KEYS. A fine-tuned checkpoint's state dict is then loaded
+    strictly, buffers and interest tables included. A pre-training checkpoint (only with a `config`)
+    gives a zero-shot model: the fine-tuning model of the caller's stage and interest_ratio, its
+    weights loaded as `-p` loads them (`load_pretrained`); its interests are still to be discovered
+    on the target items. Weights the checkpoint does not hold start from `config['seed']`.
+
+    Returns:
+        (config, SeqDataset, model on `device` in eval mode,
+         {'zero_shot': bool, 'epoch': the checkpoint's or None, 'lines': what to log}).
+    """
+    ckpt = load_checkpoint(path)
+    state = state_dict_of(ckpt, path)
+    stored = ckpt.get('config') or {}
+    zero_shot = config is not None and stored.get('train_stage') == 'pretrain'
+    config, lines = with_structure(config or own_config(stored, path, dataset, data_path), stored, path,
+                                   pretrained=zero_shot)
+    if config['model'] in ('Pop', 'TextSim'):
+        raise ConfigError(f'{config["model"]} has no checkpoint: run finetune.py -m {config["model"]}')
+    init_seed(config['seed'], config['reproducibility'])              # what is not loaded: as fine-tuning starts
+    data = SeqDataset(config)
+    try:
+        model = build_model(config, data)
+    except ValueError as e:
+        raise CheckpointError(f'{path}: cannot build the model from the stored config: {e}') from None
+    if zero_shot:
+        lines += load_pretrained(model, path, config['freeze_trm'])
+    else:
+        wrong = shape_mismatches(model, state)
+        if wrong:
+            raise CheckpointError(f'{path}: parameter shapes do not fit dataset {config["dataset"]} '
+                                  f'({data.n_items} item rows) at {config["data_path"]}: {wrong[0]}'
+                                  + (f' and {len(wrong) - 1} more' if len(wrong) > 1 else '')
+                                  + '; the dataset and data flags of its fine-tuning run?')
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f'{path}: state dict does not match the {config["model"]} model built from its '
+                                  f'config (missing: {result.missing_keys[:5]}; unexpected: '
+                                  f'{result.unexpected_keys[:5]})')
+    return config, data, model.to(device).eval(), {'zero_shot': zero_shot, 'epoch': ckpt.get('epoch'),
+                                                   'lines': lines}

@@ -4,7 +4,8 @@
     print(format_results(recommend('saved/MISSRec-....pth', ['12 40 7'], topk=5)))
 
 The checkpoint's stored config rebuilds the dataset (item numbering, feature
-tables) and the model; the state dict is loaded strictly, buffers included, so
+tables) and the model (`checkpoints.model_from_checkpoint`, as finetune.py
+--eval_only does); the state dict is loaded strictly, buffers included, so
 the interest tables are those saved with the checkpoint. Items are scored with
 `full_sort_predict` as evaluation does (PAD column set to -inf). Errors are one-line
 `ToolError`s.
@@ -16,78 +17,23 @@ import sys
 import numpy as np
 import torch
 
-from checkpoints import CheckpointError, load_checkpoint, shape_mismatches, state_dict_of
-from config import DEFAULTS, Config, ConfigError
-from data.dataset import DataError, SeqDataset, pad_histories, read_item2index
+from checkpoints import CheckpointError, model_from_checkpoint
+from config import ConfigError
+from data.dataset import DataError, pad_histories, read_item2index
 from data.loader import to_device
-from missrec import MISSRec
 from io_utils import ToolError, run_main
 
 TEXT_WIDTH = 80
 
 
 # ------------------------------------------------------------------ loading
-def config_from_checkpoint(stored, dataset=None, data_path=None, path='checkpoint'):
-    """config.Config rebuilt from a checkpoint's stored config dict (keys this project does not know,
-    e.g. the original RecBole ones, are dropped)."""
-    stored = dict(stored or {})
-    name = dataset or stored.get('dataset')
-    if not name:
-        raise ToolError(f'{path}: the checkpoint stores no dataset name; pass -d DATASET')
-    # evaluation / optimiser keys do not affect scoring (and the original's may hold values we reject)
-    unused = {'dataset', 'metrics', 'topk', 'valid_metric', 'eval_step', 'stopping_step', 'learner',
-              'clip_grad_norm', 'metric_decimal_place', 'epochs', 'pretrain_epochs', 'save_step'}
-    overrides = {k: v for k, v in stored.items() if k in DEFAULTS and k not in unused}
-    if data_path:
-        overrides['data_path'] = data_path
-    else:
-        # The original stores data_path joined with the dataset name ('dataset/downstream/D').
-        dp = overrides.get('data_path')
-        if (isinstance(dp, str) and dp and os.path.basename(os.path.normpath(dp)) == stored.get('dataset')
-                and not os.path.isdir(os.path.join(dp, name))):
-            overrides['data_path'] = os.path.dirname(os.path.normpath(dp))
-    if overrides.get('train_stage') == 'pretrain':
-        raise ToolError(f'{path}: a pre-training checkpoint (train_stage pretrain); expected a fine-tuned one '
-                        '(train_stage transductive_ft or inductive_ft)')
-    overrides['use_gpu'] = False
-    overrides['show_progress'] = False
-    try:
-        return Config(dataset=name, overrides=overrides)
-    except ConfigError as e:
-        raise ToolError(f'{path}: stored config: {e}') from None
-
-
 def load_model(checkpoint, dataset=None, data_path=None, device='cpu'):
-    """(config, SeqDataset, MISSRec in eval mode with the checkpoint's state dict, buffers included)."""
+    """(config, SeqDataset, model in eval mode with the checkpoint's state dict, buffers included):
+    `checkpoints.model_from_checkpoint` with the checkpoint's own config; errors as ToolErrors."""
     try:
-        ckpt = load_checkpoint(checkpoint, map_location='cpu')
-        state = state_dict_of(ckpt, checkpoint)
-    except CheckpointError as e:
+        config, data, model, _ = model_from_checkpoint(checkpoint, None, device, dataset, data_path)
+    except (CheckpointError, ConfigError, DataError) as e:
         raise ToolError(str(e)) from None
-    config = config_from_checkpoint(ckpt.get('config'), dataset, data_path, checkpoint)
-    try:
-        data = SeqDataset(config)
-    except DataError as e:
-        raise ToolError(str(e)) from None
-    try:
-        model = MISSRec(config, data.n_items, data.plm_table, data.img_table)
-    except ValueError as e:
-        raise ToolError(f'{checkpoint}: cannot build the model from the stored config: {e}') from None
-    wrong = shape_mismatches(model, state)
-    if wrong:
-        raise ToolError(f'{checkpoint}: parameter shapes do not fit dataset {config["dataset"]} '
-                        f'({data.n_items} item rows) at {config["data_path"]}: {wrong[0]}'
-                        + (f' and {len(wrong) - 1} more' if len(wrong) > 1 else '')
-                        + '; is this the dataset it was fine-tuned on?')
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ToolError(f'{checkpoint}: state dict does not match the model built from its config '
-                        f'(missing: {", ".join(missing[:5]) or "none"}{" ..." if len(missing) > 5 else ""}; '
-                        f'unexpected: {", ".join(unexpected[:5]) or "none"}{" ..." if len(unexpected) > 5 else ""})')
-    model.load_state_dict(state, strict=True)
-    model.to(device).eval()
     return config, data, model
 
 

@@ -29,15 +29,13 @@ import torch
 
 import distributed as D
 import metrics as M
-from checkpoints import (CheckpointError, check_writable, load_checkpoint, load_pretrained, shape_mismatches,
-                         state_dict_of)
+from checkpoints import CheckpointError, build_model, check_writable, load_pretrained, model_from_checkpoint
 from config import MODELS, Config, ConfigError, parse_overrides, stage_files
 from curves import open_curves
 from data.dataset import DataError, SeqDataset, dataset_folder
 from data.loader import SeqBatches
 from data.pretrain import PretrainDataset
-from missrec import MISSRec
-from sasrec import Pop, SASRec, TextSim
+from sasrec import Pop
 from run_log import claim_run_id, init_logger, init_seed, start_logging
 from trainer import DiscoveryFailed, Pretrainer, Trainer
 
@@ -121,13 +119,7 @@ def build_finetune(config, device):
     if name == 'TextSim' and (not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0):
         raise ConfigError(f'textsim_decay = {decay!r}; expected a number >= 0')
     dataset = SeqDataset(config)
-    if name == 'SASRec':
-        return dataset, SASRec(config, dataset.n_items).to(device), []
-    if name == 'Pop':
-        return dataset, Pop(dataset.splits['train']['item_id'], dataset.n_items).to(device), []
-    if name == 'TextSim':
-        return dataset, TextSim(dataset.plm_table, decay).to(device), []
-    model = MISSRec(config, dataset.n_items, dataset.plm_table, dataset.img_table)
+    model = build_model(config, dataset)
     loaded = []
     if config['pretrained_file']:
         loaded = load_pretrained(model, config['pretrained_file'], config['freeze_trm'])
@@ -231,64 +223,19 @@ def print_table(out):
 
 
 # ------------------------------------------------------ evaluating a checkpoint
-# what a checkpoint's stored config decides over the command line: the model's structure
-STRUCTURE_KEYS = ('model', 'train_stage', 'n_layers', 'n_heads', 'hidden_size', 'inner_size', 'hidden_act',
-                  'layer_norm_eps', 'plm_size', 'img_size', 'temperature', 'modal_type', 'id_type',
-                  'seq_mm_fusion', 'item_mm_fusion', 'interest_ratio', 'MAX_ITEM_LIST_LENGTH')
-
-
-# what a pre-training checkpoint does not decide: the fine-tuning stage and the downstream interest ratio
-STAGE_KEYS = ('train_stage', 'interest_ratio')
-
-
-def checkpoint_config(config, stored, path, pretrained=False):
-    """The run's config with the model structure of the checkpoint's stored config (ours, or the original
-    code's RecBole config), and the lines saying which values the checkpoint changed. For a pre-training
-    checkpoint (`pretrained`) the run keeps its train_stage and interest_ratio and loads the checkpoint
-    as its pre-trained weights (`build_finetune`)."""
-    values, lines = config.to_dict(), []
-    for key in STRUCTURE_KEYS:
-        if pretrained and key in STAGE_KEYS:
-            continue
-        if key in stored and stored[key] != values[key] and not (key == 'model' and stored[key] not in MODELS):
-            lines.append(f'{key} = {stored[key]!r} (from the checkpoint; the command line says {values[key]!r})')
-            values[key] = stored[key]
-    values['pretrained_file'] = path if pretrained else ''
-    try:
-        return Config(dataset=values.pop('dataset'), overrides=values), lines
-    except ConfigError as e:
-        raise CheckpointError(f'{path}: stored config: {e}') from None
-
-
 def checkpoint_model(config, path):
-    """The model of `--eval_only -p CKPT` (`evaluate_checkpoint`; also tools/show_interests.py), set up as
-    `evaluate_checkpoint` describes: a fine-tuned checkpoint loaded strictly, or a pre-training one
-    zero-shot with interests discovered on the target items. Logs what it loaded.
+    """The model of `--eval_only -p CKPT` (`evaluate_checkpoint`; also tools/show_interests.py):
+    `checkpoints.model_from_checkpoint` with the run's config, and, for a pre-training checkpoint
+    (zero-shot), interests discovered on the target items. Logs what it loaded.
 
     Returns (config with the checkpoint's structure, SeqDataset, model, Trainer, zero_shot)."""
-    ckpt = load_checkpoint(path)
-    state = state_dict_of(ckpt, path)
-    stored = ckpt.get('config') or {}
-    zero_shot = stored.get('train_stage') == 'pretrain'
-    config, lines = checkpoint_config(config, stored, path, pretrained=zero_shot)
-    if config['model'] in ('Pop', 'TextSim'):
-        raise ConfigError(f'{config["model"]} has no checkpoint: run finetune.py -m {config["model"]}')
-    init_seed(config['seed'], config['reproducibility'])              # what is not loaded: as fine-tuning starts
     device = D.process_device(config['use_gpu'])
-    dataset, model, loaded = build_finetune(config, device)
-    if not zero_shot:
-        wrong = shape_mismatches(model, state)
-        if wrong:
-            raise CheckpointError(f'{path}: parameter shapes do not fit dataset {config["dataset"]} '
-                                  f'({dataset.n_items} item rows): {"; ".join(wrong[:3])}; same data flags as '
-                                  'training?')
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f'{path}: state dict does not match the {config["model"]} model of its config '
-                                  f'(missing: {result.missing_keys[:5]}; unexpected: {result.unexpected_keys[:5]})')
+    config, dataset, model, info = model_from_checkpoint(path, config, device)
+    zero_shot = info['zero_shot']
     what = 'Zero-shot evaluation of the pre-training checkpoint' if zero_shot else 'Evaluating'
-    logger.info(f'{what} {path} (epoch {ckpt.get("epoch", "unknown")}) on {config["dataset"]}')
-    for line in lines + loaded:
+    epoch = 'unknown' if info['epoch'] is None else info['epoch']
+    logger.info(f'{what} {path} (epoch {epoch}) on {config["dataset"]}')
+    for line in info['lines']:
         logger.info(line)
     trainer = Trainer(config, model, device)
     if zero_shot:

@@ -6,8 +6,11 @@ import re
 import torch
 
 import metrics as M
+from checkpoints import STRUCTURE_KEYS
+from data.loader import SeqBatches
+from inference import load_model
 from tests.conftest import FINETUNED_ARGS, save_original_checkpoint
-from quick_start import build_config, evaluate_checkpoint, main, parse_args
+from quick_start import build_config, checkpoint_model, evaluate_checkpoint, main, parse_args
 
 
 def data_flags(finetuned, *extra):
@@ -73,3 +76,24 @@ def test_eval_only_sasrec_checkpoint(demo, tmp_path):
     # the checkpoint says SASRec: no -m needed
     got = evaluate({'data_path': str(demo)}, out['checkpoint'])
     assert got['model'] == 'SASRec' and got['valid'] == out['best_valid'] and got['test'] == out['test']
+
+
+def test_eval_only_and_recommend_build_the_same_model(finetuned, tmp_path):
+    """One rule (checkpoints.model_from_checkpoint): from one checkpoint, --eval_only, whose command line
+    says other structure values, and recommend.py (inference.load_model) build the model of the stored
+    structure, with the same weights and the same scores."""
+    ckpt = torch.load(finetuned['checkpoint'], weights_only=True)
+    stored = dict(ckpt['config'], seq_mm_fusion='contextual', contextual_gather_quirk=False, temperature=0.05)
+    path = str(tmp_path / 'structure.pth')
+    torch.save(dict(ckpt, config=stored), path)
+    flags = data_flags(finetuned, '--eval_only', '-p', path, '--hidden_size=64', '--temperature=0.07',
+                       '--seq_mm_fusion=add', '--contextual_gather_quirk=True')
+    evaluated, _, eval_model, _, _ = checkpoint_model(build_config('finetune', *parse_args('finetune', flags)), path)
+    recommended, data, rec_model = load_model(path)
+    assert ({k: evaluated[k] for k in STRUCTURE_KEYS} == {k: recommended[k] for k in STRUCTURE_KEYS}
+            == {k: stored[k] for k in STRUCTURE_KEYS})
+    assert eval_model.state_dict().keys() == rec_model.state_dict().keys()
+    assert all(torch.equal(v, rec_model.state_dict()[k]) for k, v in eval_model.state_dict().items())
+    batch = next(iter(SeqBatches(data.splits['test'], 64, pad_len=data.pad_len)))
+    with torch.no_grad():
+        assert torch.equal(eval_model.eval().full_sort_predict(batch), rec_model.eval().full_sort_predict(batch))

@@ -141,6 +141,8 @@ def _save_text(out, name, lines):
 def export(checkpoint, out, dataset=None, data_path=None, split=None, histories=(), items=(), device='cpu'):
     """Write the vectors (module docstring); returns {file name: shape}."""
     config, data, model = load_model(checkpoint, dataset, data_path, device)
+    if config['model'] != 'MISSRec':
+        raise ToolError(f'{checkpoint}: a {config["model"]} checkpoint; expected a MISSRec one')
     if not model.modalities and not model.use_id:
         raise ToolError(f'{checkpoint}: nothing to export')
     os.makedirs(out, exist_ok=True)

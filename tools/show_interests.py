@@ -116,6 +116,8 @@ def load(args, rest):
         raise ToolError(f'{path}: a checkpoint of dataset {name}, not {args.dataset}; pass -d {name} '
                         '(or leave -d out)')
     config, data, model = load_model(path, args.dataset, args.data_path)
+    if config['model'] != 'MISSRec':
+        raise ToolError(f'{path}: a {config["model"]} checkpoint; its interests are those of a MISSRec one')
     return {'config': config, 'data': data, 'model': model, 'zero_shot': False}
 
 
