@@ -19,7 +19,7 @@ import torch
 
 from checkpoints import CheckpointError, model_from_checkpoint
 from config import ConfigError
-from data.dataset import DataError, pad_histories, read_item2index
+from data.dataset import DataError, pad_histories, read_item2index, read_texts
 from data.loader import to_device
 from io_utils import ToolError, run_main
 
@@ -37,25 +37,16 @@ def load_model(checkpoint, dataset=None, data_path=None, device='cpu'):
     return config, data, model
 
 
-def read_texts(path, raw_of_token):
-    """{item token: text} of a `{D}.text` file keyed by raw id (or by token); {} when absent."""
-    if not os.path.isfile(path):
-        return {}
-    token_of_raw = {r: t for t, r in raw_of_token.items()}
-    out = {}
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, start=1):
-            line = line.rstrip('\r\n')
-            if n == 1 and line.startswith('item_id:token'):
-                continue
-            key, sep, text = line.partition('\t')
-            if not sep:
-                continue
-            if key in token_of_raw:
-                out[token_of_raw[key]] = text
-            elif key.isdigit():
-                out.setdefault(str(int(key)), text)
-    return out
+def item_info(base, texts=True, text_required=False):
+    """({item token: raw id} of `{base}.item2index`, {item token: text} of `{base}.text` (with `texts`)):
+    `data.dataset.read_item2index` and `read_texts` by item token; {} for an absent file (a ToolError
+    for an absent text file with `text_required`, or for a malformed file)."""
+    try:
+        item2index = read_item2index(base + '.item2index')
+        text_of = read_texts(base + '.text', item2index, text_required) if texts else {}
+    except DataError as e:
+        raise ToolError(str(e)) from None
+    return {str(i): r for r, i in item2index.items()}, {str(i): t for i, t in text_of.items()}
 
 
 # ----------------------------------------------------------------- scoring
@@ -109,12 +100,8 @@ def recommend(checkpoint, histories, dataset=None, data_path=None, raw=False, to
         raise ToolError('no --history given; expected at least one, e.g. --history "12 40 7"')
     config, data, model = load_model(checkpoint, dataset, data_path, device)
     base = os.path.join(config['data_path'], config['dataset'], config['dataset'])
-    try:
-        raw_of_token = {t: r for r, t in read_item2index(base + '.item2index').items()}
-    except DataError as e:
-        raise ToolError(str(e)) from None
+    raw_of_token, texts = item_info(base)
     token_of_raw = {r: t for t, r in raw_of_token.items()}
-    texts = read_texts(base + '.text', raw_of_token)
     item_index = {tok: i + 1 for i, tok in enumerate(data.item_tokens)}
     max_len = config['MAX_ITEM_LIST_LENGTH']
 

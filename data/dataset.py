@@ -130,9 +130,13 @@ def count_lines(path):
         return sum(1 for line in f if line.strip())
 
 
-def read_item2index(path):
-    """{raw id: item token} of a `raw_id<TAB>index` file ({} when the file is absent)."""
+def read_item2index(path, required=False):
+    """{raw id: item index (int)} of a `raw_id<TAB>index` file, whose indices are 0..n-1, each once (the
+    rows of the feature files; index i is item token str(i)). An absent file gives {} (a DataError
+    with `required`), and so does nothing else: a bad line or index raises a DataError naming it."""
     if not os.path.isfile(path):
+        if required:
+            raise DataError(f'{path}: item2index file not found')
         return {}
     out = {}
     with open(path, encoding='utf-8') as f:
@@ -141,10 +145,48 @@ def read_item2index(path):
             if not line:
                 continue
             parts = line.split('\t')
-            if len(parts) != 2 or not parts[1].strip().isdigit():
-                raise DataError(f"{path}: line {n}: expected 'raw_id<TAB>index' with an integer index")
-            out[parts[0]] = str(int(parts[1]))
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise DataError(f"{path}: line {n}: expected 'raw_id<TAB>index' with a non-negative integer index")
+            out[parts[0]] = int(parts[1])
+    if sorted(out.values()) != list(range(len(out))):
+        raise DataError(f'{path}: expected the indices 0..{len(out) - 1}, each once')
     return out
+
+
+TEXT_HEADER = 'item_id:token\ttext:token_seq'
+
+
+def read_texts(path, item2index, required=False):
+    """{item index: text} of a `{D}.text` file: the header `item_id:token<TAB>text:token_seq`, then
+    `key<TAB>text` lines, the key a raw id of `item2index` ({raw id: index}, `read_item2index`) or an
+    index (below its size, if it has one); other keys (items filtered out of the dataset) are skipped. An absent file
+    gives {} (a DataError with `required`); a bad header or line raises a DataError naming it."""
+    if not os.path.isfile(path):
+        if required:
+            raise DataError(f"{path}: item text file not found (expected the header "
+                            f"'{TEXT_HEADER.replace(chr(9), '<TAB>')}', then raw id or index<TAB>text lines)")
+        return {}
+    n = len(item2index)
+    texts = {}
+    with open(path, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip('\r\n')
+            if lineno == 1:
+                if not line.startswith('item_id:token\t'):
+                    raise DataError(f"{path}: line 1: expected the header '{TEXT_HEADER.replace(chr(9), '<TAB>')}'")
+                continue
+            if not line:
+                continue
+            parts = line.split('\t')
+            if len(parts) != 2:
+                raise DataError(f'{path}: line {lineno}: expected 2 tab-separated fields item_id, text; '
+                                f'got {len(parts)}')
+            key, text = parts
+            if key in item2index:
+                texts[item2index[key]] = text
+            elif key.isdigit() and (not n or int(key) < n):
+                texts[int(key)] = text
+    return texts
 
 
 def check_feature_file(path, dim, what, item_map, used_rows=None):

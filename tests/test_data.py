@@ -7,7 +7,7 @@ import torch
 
 from config import Config
 from data import INTER_HEADER
-from data.dataset import DataError, SeqDataset
+from data.dataset import DataError, SeqDataset, read_item2index, read_texts
 from data.loader import SeqBatches
 
 HEADER = INTER_HEADER + '\n'
@@ -114,3 +114,29 @@ def test_training_batches_are_shuffled_anew_each_epoch_and_reproducibly():
     assert epoch_order(SeqBatches(split, 6, shuffle=True, seed=1), 1) == second   # nothing carried over
     assert epoch_order(SeqBatches(split, 6, shuffle=True, seed=2), 1) != second   # the seed counts
     assert epoch_order(SeqBatches(split, 6), 1) == list(range(1, n + 1))          # evaluation: file order
+
+
+def test_item2index_and_texts_are_read_strictly(tmp_path):
+    """The one reader of `.item2index` and `.text` (recommend.py, the tools): raw id or index keys, items
+    filtered out skipped, an absent file {} unless required, and every malformed file a DataError naming it."""
+    item2index, text = tmp_path / 'T.item2index', tmp_path / 'T.text'
+    item2index.write_text('B1\t1\nB0\t0\n\nB2\t2\n')
+    text.write_text('item_id:token\ttext:token_seq\nB0\tfirst\n2\tby index\nGONE\tfiltered out\n9\tno row\n')
+    assert read_item2index(str(item2index)) == {'B1': 1, 'B0': 0, 'B2': 2}
+    assert read_texts(str(text), read_item2index(str(item2index))) == {0: 'first', 2: 'by index'}
+    assert read_item2index(str(tmp_path / 'none')) == read_texts(str(tmp_path / 'none'), {}) == {}
+    for bad, message in (('B0\t0\nB1\t2\n', 'expected the indices 0..1, each once'),
+                         ('B0\t0\nB1\t0\n', 'expected the indices 0..1, each once'),
+                         ('B0\t-1\n', "line 1: expected 'raw_id<TAB>index'"), ('B0 0\n', 'line 1: expected')):
+        item2index.write_text(bad)
+        with pytest.raises(DataError, match=message):
+            read_item2index(str(item2index))
+    for bad, message in (('B0\tno header\n', 'line 1: expected the header'),
+                         ('item_id:token\ttext:token_seq\nB0\ta\tb\n', 'line 2: expected 2 tab-separated fields')):
+        text.write_text(bad)
+        with pytest.raises(DataError, match=message):
+            read_texts(str(text), {'B0': 0})
+    with pytest.raises(DataError, match='item2index file not found'):
+        read_item2index(str(tmp_path / 'none'), required=True)
+    with pytest.raises(DataError, match='item text file not found'):
+        read_texts(str(tmp_path / 'none'), {}, required=True)

@@ -177,7 +177,7 @@ def test_malformed_text(tmp_path, tiny_clip, capsys):
     rc = extract_features.main(["--data", str(data), "--model", tiny_clip, "--features", "1", "--device", "cpu"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "Tiny.text:7: expected 2 tab-separated fields" in err and "Traceback" not in err
+    assert "Tiny.text: line 7: expected 2 tab-separated fields" in err and "Traceback" not in err
     assert not [p for p in os.listdir(data) if "feat" in p]
     with pytest.raises(ToolError, match="image folder not found"):
         extract_features.extract(str(data), model=tiny_clip, images=str(tmp_path / "nope"), features=(3,))

@@ -48,9 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.dataset import DataError, read_item2index
 from data.loader import SeqBatches
-from inference import history_ids, load_model
+from inference import history_ids, item_info, load_model
 from io_utils import ToolError, atomic_open, run_main
 
 DESCRIPTION = __doc__.split('\n\n')[0]
@@ -157,10 +156,7 @@ def export(checkpoint, out, dataset=None, data_path=None, split=None, histories=
     for k, v in per.items():
         save(f'items_{k}.npy', v)
     base = os.path.join(config['data_path'], config['dataset'], config['dataset'])
-    try:
-        raw_of_token = {t: r for r, t in read_item2index(base + '.item2index').items()}
-    except DataError:
-        raw_of_token = {}
+    raw_of_token, _ = item_info(base, texts=False)
     _save_text(out, 'item_ids.tsv', ['row\ttoken\traw_id', '0\t[PAD]\t']
                + [f'{i}\t{t}\t{raw_of_token.get(t, "")}' for i, t in enumerate(data.item_tokens, start=1)])
     factor = getattr(model, 'fusion_factor', None)

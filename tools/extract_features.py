@@ -37,7 +37,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 import numpy as np
 from tqdm import tqdm
 
+from data.dataset import DataError, read_item2index, read_texts
 from io_utils import ToolError, atomic_write_text, run_main
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".webp")
@@ -56,54 +57,6 @@ class FormatError(ToolError):
 
 
 # --------------------------------------------------------------------------- inputs
-def read_item2index(path: str) -> Dict[str, int]:
-    if not os.path.isfile(path):
-        raise ToolError(f"{path}: item2index file not found")
-    mapping: Dict[str, int] = {}
-    with open(path, "r", encoding="utf-8") as fp:
-        for lineno, line in enumerate(fp, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise FormatError(path, lineno, "expected 'raw_id<TAB>index' with a non-negative integer index")
-            mapping[parts[0]] = int(parts[1])
-    n = len(mapping)
-    if sorted(mapping.values()) != list(range(n)):
-        raise ToolError(f"{path}: expected the indices 0..{n - 1}, each once")
-    return mapping
-
-
-def read_texts(path: str, item2index: Dict[str, int]) -> List[Optional[str]]:
-    """Text of each item index (None when the item has no row)."""
-    if not os.path.isfile(path):
-        raise ToolError(f"{path}: text file not found")
-    n = len(item2index)
-    texts: List[Optional[str]] = [None] * n
-    with open(path, "r", encoding="utf-8") as fp:
-        for lineno, line in enumerate(fp, 1):
-            line = line.rstrip("\r\n")
-            if lineno == 1:
-                if not line.startswith("item_id:token\t"):
-                    raise FormatError(path, 1, "expected the header 'item_id:token<TAB>text:token_seq'")
-                continue
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise FormatError(path, lineno, f"expected 2 tab-separated fields item_id, text; got {len(parts)}")
-            key, text = parts
-            if key in item2index:
-                idx = item2index[key]
-            elif key.isdigit() and int(key) < n:
-                idx = int(key)
-            else:
-                continue  # an item that did not survive filtering
-            texts[idx] = text
-    return texts
-
-
 def read_image_urls(path: str, n: int) -> List[str]:
     urls = [""] * n
     if not os.path.isfile(path):
@@ -336,11 +289,15 @@ def extract(data: str, name: Optional[str] = None, model: Optional[str] = None,
         raise ToolError(f"--suffix {suffix!r}: expected letters, digits or '_' (files are named .feat1{{suffix}})")
     name = name or os.path.basename(os.path.normpath(data))
     base = os.path.join(data, name)
-    item2index = read_item2index(base + ".item2index")
-    n = len(item2index)
-    if n == 0:
-        raise ToolError(f"{base}.item2index: no items")
-    texts = read_texts(base + ".text", item2index) if {1, 2} & set(features) else []
+    try:
+        item2index = read_item2index(base + ".item2index", required=True)
+        n = len(item2index)
+        if n == 0:
+            raise ToolError(f"{base}.item2index: no items")
+        text_of = read_texts(base + ".text", item2index, required=True) if {1, 2} & set(features) else None
+    except DataError as e:
+        raise ToolError(str(e)) from None
+    texts = [text_of.get(i) for i in range(n)] if text_of is not None else []
     urls = read_image_urls(base + ".image_urls", n) if 3 in features else []
     if 3 in features:
         if images and not os.path.isdir(images):

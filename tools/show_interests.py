@@ -50,8 +50,8 @@ import torch.nn.functional as F
 import metrics as M
 import quick_start
 from checkpoints import CheckpointError, load_checkpoint
-from data.dataset import DataError, read_inter, read_item2index
-from inference import load_model, read_texts, score_histories
+from data.dataset import DataError, read_inter
+from inference import item_info, load_model, score_histories
 from io_utils import ToolError, run_main
 
 DESCRIPTION = __doc__.split('\n\n')[0]
@@ -119,19 +119,6 @@ def load(args, rest):
     if config['model'] != 'MISSRec':
         raise ToolError(f'{path}: a {config["model"]} checkpoint; its interests are those of a MISSRec one')
     return {'config': config, 'data': data, 'model': model, 'zero_shot': False}
-
-
-def item_info(config, data):
-    """(raw id of each token, text of each token): `{D}.text` must exist."""
-    base = os.path.join(config['data_path'], config['dataset'], config['dataset'])
-    if not os.path.isfile(base + '.text'):
-        raise ToolError(f'{base}.text: item text file not found; the report shows item texts '
-                        '(item_id:token<TAB>text:token_seq lines, raw id or token first)')
-    try:
-        raw_of_token = {t: r for r, t in read_item2index(base + '.item2index').items()}
-    except DataError as e:
-        raise ToolError(str(e)) from None
-    return raw_of_token, read_texts(base + '.text', raw_of_token)
 
 
 def pick_users(config, users, n):
@@ -582,7 +569,8 @@ def report(argv=None):
     config, data, model = loaded['config'], loaded['data'], loaded['model']
     if not model.modalities:
         raise ToolError(f'{args.checkpoint}: modal_type none (IDs only) has no interests to show')
-    raw_of_token, texts = item_info(config, data)
+    raw_of_token, texts = item_info(os.path.join(config['data_path'], config['dataset'], config['dataset']),
+                                    text_required=True)   # the report shows item texts
     users = pick_users(config, users_arg, args.n_users)
     out = args.out or os.path.join('log', f"interests-{config['dataset']}-{time.strftime('%b-%d-%Y_%H-%M-%S')}")
     if os.path.exists(out):
