@@ -27,9 +27,19 @@ def pop(demo, tmp_path_factory):
 
 
 def test_sasrec_props_and_log_name(demo, tmp_path):
-    config = build_config('finetune', *parse_args('finetune', ['-d', 'Demo', '-m', 'SASRec', '--epochs=3']))
+    """-m SASRec reads props/SASRec.yaml, and its run says so: the log and the checkpoint are named after
+    SASRec, the log's config and model are SASRec's, and so is the checkpoint's stored config."""
+    config, out, log = run(demo, tmp_path, 'SASRec', '--epochs=1', '-note', 'base')
     assert (config['model'], config['hidden_size'], config['n_heads'], config['modal_type']) == ('SASRec', 64, 2, 'none')
     assert (config['train_batch_size'], config['learning_rate'], config['stopping_step']) == (512, 0.001, 10)
+    run_id = out['run_id']
+    assert os.path.basename(out['log']) == f'SASRec-Demo-base-transductive_ft-{run_id}.log'
+    assert os.path.basename(out['checkpoint']) == f'SASRec-{run_id}.pth'
+    assert f'run id: {run_id}' in log
+    for line in ('model = SASRec', 'hidden_size = 64', 'n_heads = 2', 'modal_type = none'):
+        assert f'\n{line}\n' in log, line
+    assert re.search(r'INFO  SASRec\(\n', log) and 'MISSRec(' not in log and 'Discovering' not in log
+    assert torch.load(out['checkpoint'], weights_only=True)['config']['model'] == 'SASRec'
 
 
 def test_sasrec_beats_pop_on_demo_data(demo, tmp_path, pop):

@@ -1,7 +1,8 @@
 """SASRec and Pop baselines (sasrec.py)."""
+import pytest
 import torch
 
-from config import Config
+from config import Config, stage_files
 from sasrec import Pop, SASRec
 
 
@@ -11,13 +12,24 @@ def sasrec(n_items=30, **overrides):
     return SASRec(cfg, n_items).eval()
 
 
-def test_recbole_defaults_from_props():
-    cfg = Config(config_files=['props/SASRec.yaml'])
-    got = {k: cfg[k] for k in ('n_layers', 'n_heads', 'hidden_size', 'inner_size', 'hidden_dropout_prob',
-                               'attn_dropout_prob', 'hidden_act', 'layer_norm_eps', 'initializer_range')}
-    assert got == {'n_layers': 2, 'n_heads': 2, 'hidden_size': 64, 'inner_size': 256, 'hidden_dropout_prob': 0.5,
-                   'attn_dropout_prob': 0.5, 'hidden_act': 'gelu', 'layer_norm_eps': 1e-12,
-                   'initializer_range': 0.02}
+def test_the_props_build_recboles_default_sasrec():
+    """What -m SASRec builds from its props (props/SASRec.yaml, then props/finetune.yaml) is RecBole's
+    default SASRec: 50 positions of 64-d, two blocks of 2-head self-attention and a 256-d feed-forward (its
+    parameter count) with GELU, weights drawn from N(0, 0.02), dropout 0.5 in training only, LayerNorm eps 1e-12."""
+    torch.manual_seed(0)
+    n = 2000
+    model = SASRec(Config(config_files=stage_files('finetune', 'SASRec')), n)
+    block = 4 * (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64) + 2 * 2 * 64   # attention, feed-forward, 2 norms
+    assert sum(p.numel() for p in model.parameters()) == n * 64 + 50 * 64 + 2 * block + 2 * 64
+    assert [layer['attention'].n_heads for layer in model.layers] == [2, 2]
+    assert float(model.item_embedding.weight.detach().std()) == pytest.approx(0.02, abs=5e-4)
+    assert float(model.layers[0]['feed_forward'].act(torch.tensor(-1.0))) == pytest.approx(-0.1587, abs=1e-4)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+    seq, lengths = torch.tensor([[3, 9, 4, 11, 5]]), torch.tensor([5])
+    with torch.no_grad():
+        assert not torch.equal(model.train()(seq, lengths), model(seq, lengths))
+        assert torch.equal(model.eval()(seq, lengths), model(seq, lengths))
 
 
 def test_causal_mask_by_hand():
