@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from curves import csv_path, read_curves
 from quick_start import build_config, finetune, parse_args
 from tools import compare
 
@@ -38,12 +39,33 @@ def test_curves_come_from_the_csv_at_full_precision(runs, tmp_path):
     assert [v for _, v in rounded.valid_ndcg10()] == pytest.approx([v for _, v in run.valid_ndcg10()], abs=1e-4)
 
 
-def test_plot_reads_the_csvs(runs, tmp_path, capsys):
+def test_plot_reads_the_csvs(runs, tmp_path, capsys, monkeypatch):
+    """--plot draws one training-loss and one validation-NDCG@10 line per trained run, each the values of
+    its curves CSV at full precision over its epochs, and none for Pop (nothing trained, no curves)."""
     pytest.importorskip('matplotlib')
-    root, _ = runs
+    from matplotlib.figure import Figure
+    saved, real_savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+    monkeypatch.setattr(Figure, 'savefig', keep)
+    root, out = runs
     png = tmp_path / 'curves.png'
     assert compare.main(['--logs', f'{root}/log', '--plot', str(png), '--original', '']) == 0
-    assert png.stat().st_size > 0 and 'plotted training loss' in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'plotted training loss and validation NDCG@10 of 3 logs, with 0 of' in capsys.readouterr().out
+    loss_axes, valid_axes = saved[0].axes
+    expected = {'train_loss': [], 'valid_ndcg@10': []}
+    for run in out['SASRec'] + out['MISSRec']:
+        rows = read_curves(csv_path(run['log']))
+        assert [r['epoch'] for r in rows] == [0, 1]
+        for column, lines in expected.items():
+            lines.append(([0, 1], [r[column] for r in rows]))
+    for axes, column in ((loss_axes, 'train_loss'), (valid_axes, 'valid_ndcg@10')):
+        drawn = [([int(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]) for line in axes.lines]
+        assert sorted(drawn) == sorted(expected[column]), column
+    assert any(v != round(v, 4) for _, values in expected['train_loss'] for v in values)   # not the log's rounding
 
 
 def test_table_of_baselines(runs, capsys):

@@ -119,11 +119,21 @@ def test_killed_and_resumed_pretraining_matches_the_uninterrupted_run(demo_pretr
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
         assert not (saved / 'MISSRec-DemoPT-4.pth').exists()
-        # a kill may leave a hidden temporary file behind, never a partial checkpoint under its real name
+        # a kill may leave a hidden temporary file behind, never a partial checkpoint under its real name:
+        # what is there are the checkpoints of every epoch up to the kill, each the uninterrupted run's
         done_files = [p for p in os.listdir(saved) if not p.startswith('.')]
+        number = {p: int(p.split('-')[2].split('.')[0]) for p in done_files}
+        assert sorted(number.values()) == list(range(1, len(done_files) + 1)) and len(done_files) >= epoch
         for p in done_files:
-            assert torch.load(saved / p, weights_only=True)['epoch'] >= 0
-        latest = max(done_files, key=lambda p: int(p.split('-')[2].split('.')[0]))
+            ckpt = torch.load(saved / p, weights_only=True)
+            uninterrupted = torch.load(tmp_path / 'full' / 'saved' / p, weights_only=True)
+            assert ckpt['epoch'] == uninterrupted['epoch'] == number[p] - 1
+            assert ckpt['state_dict'].keys() == uninterrupted['state_dict'].keys()
+            assert all(torch.equal(v, uninterrupted['state_dict'][k]) for k, v in ckpt['state_dict'].items()), p
+            moments, expected = ckpt['optimizer']['state'], uninterrupted['optimizer']['state']
+            assert moments.keys() == expected.keys() and all(
+                torch.equal(v, expected[i][name]) for i in moments for name, v in moments[i].items()), p
+        latest = max(done_files, key=number.get)
         done = subprocess.run(cmd(out, '--resume', str(saved / latest)), cwd=ROOT, capture_output=True,
                               text=True, env=ENV, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
