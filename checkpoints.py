@@ -233,8 +233,7 @@ def load_pretrained(model, path, freeze):
         raise CheckpointError(f'{path}: parameter shapes differ from the model: ' + '; '.join(mismatched))
     result = model.load_state_dict(state, strict=False)
     if freeze:
-        for p in list(model.position_embedding.parameters()) + list(model.trm_model.parameters()):
-            p.requires_grad = False
+        model.freeze_transformer()
     lines = [f'Loading pre-trained model from {path}',
              f'missing keys (kept as initialised): {result.missing_keys}',
              f'unexpected keys (ignored): {result.unexpected_keys}']

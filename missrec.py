@@ -101,6 +101,12 @@ class MISSRec(SeqTransformer):
     def adaptor(self, m):
         return self.text_adaptor if m == 'text' else self.img_adaptor
 
+    def freeze_transformer(self):
+        """`freeze_trm` of fine-tuning from a pre-trained checkpoint: the position embedding and the
+        Transformer keep their pre-trained weights; the adaptors (and ID embeddings) train."""
+        for p in [*self.position_embedding.parameters(), *self.trm_model.parameters()]:
+            p.requires_grad = False
+
     # ------------------------------------------------------------------ tables
     def adapted_tables(self):
         """{modality: [N, H]} adaptor outputs of the whole feature tables (fine-tuning)."""
