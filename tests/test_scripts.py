@@ -76,3 +76,18 @@ def test_run_scripts_take_a_gpu_id_only_when_it_is_one(tmp_path, args, inherited
         got = [line[4:] for line in lines[1:]]
         assert got[0] == 'finetune.py' and f'--script={name}' in got, (name, got)
         assert got[got.index(f'--script={name}') + 1:] == passed, (name, got)
+
+
+def test_demo_pretrain_script_pretrains_then_finetunes_from_its_checkpoint(tmp_path):
+    """scripts/demo_pretrain.sh: demo data made once, pre-training on DemoPT, fine-tuning Demo with -p."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', EPOCHS='1', DEMO_DATA=str(tmp_path / 'data'),
+               DEMO_SAVED=str(tmp_path / 'saved'))
+    cmd = ['bash', 'scripts/demo_pretrain.sh', '--hidden_size=16', '--inner_size=16', '--n_heads=2', '--epochs=1',
+           f'--log_dir={tmp_path}/log']
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / 'data' / 'pretrain' / 'DemoPT' / 'DemoPT.train.inter').is_file()
+    assert (tmp_path / 'saved' / 'MISSRec-DemoPT-1-demo.pth').is_file()
+    finetune_log = next((tmp_path / 'log').glob('MISSRec-Demo-transductive_ft-*.log')).read_text()
+    assert f"Loading pre-trained model from {tmp_path / 'saved' / 'MISSRec-DemoPT-1-demo.pth'}" in finetune_log
+    assert 'test result' in finetune_log
