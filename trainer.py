@@ -82,7 +82,8 @@ class DiscoveryFailed(RuntimeError):
 
 
 class _LossForward(nn.Module):
-    """What DDP wraps: its forward is the model's `calculate_loss` (MISSRec has no forward);
+    """What DDP wraps: its forward is the model's `calculate_loss` (DDP synchronises what runs inside
+    its forward, and `MISSRec.forward` is only the sequence side of the loss);
     with `parts` it returns (loss, {term: value}) (`MISSRec.calculate_loss`; the baselines'
     take no `parts`)."""
 
