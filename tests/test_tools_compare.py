@@ -351,3 +351,23 @@ def test_paired_differences_by_seed_with_a_t_interval(tmp_path, capsys):
     assert cells[7].startswith("+0.0000 ± 0.0000") and cells[-1] == "3 of 3"
     assert compare.main(["--logs", str(tmp_path / "s1.log"), "--paired"]) != 0   # nothing to pair
     assert "no pre-trained run has a run from scratch" in capsys.readouterr().err
+
+
+def test_table_reads_each_convention_from_its_own_line(tmp_path, capsys):
+    """A run that selects on the original top-K+1 (the run scripts) logs `test result:` in that
+    convention and the exact top-K on a line of its own: --table takes each from its line."""
+    (tmp_path / "run.log").write_text(
+        f"{TS}\ndataset = Scientific_mini\ntrain_stage = inductive_ft\neval_topk_plus_one = True\n"
+        f"{TS}test result: OrderedDict([('hit@10', 0.3), ('hit@50', 0.5), ('ndcg@10', 0.2), ('ndcg@50', 0.25)])\n"
+        f"{TS}test result (original top-K+1): OrderedDict([('hit@10', 0.3), ('hit@50', 0.5), ('ndcg@10', 0.2), "
+        f"('ndcg@50', 0.25)])\n"
+        f"{TS}test result (exact top-K): OrderedDict([('hit@10', 0.28), ('hit@50', 0.49), ('ndcg@10', 0.19), "
+        f"('ndcg@50', 0.24)])\n")
+    (tmp_path / "orig.log").write_text(ORIGINAL_LOG)    # the original code: top-K+1 only
+    assert compare.main(["--logs", str(tmp_path), "--table"]) == 0
+    rows = {(c[4] or c[0], c[5]): c[7:9] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                                  for line in capsys.readouterr().out.splitlines()[2:])}
+    assert rows[("MISSRec", "exact top-K")] == ["0.2800", "0.1900"]
+    assert rows[("MISSRec", "original top-K+1")] == ["0.3000", "0.2000"]
+    original = [k for k in rows if k[0].startswith("MISSRec (original")]
+    assert original == [("MISSRec (original code)", "original top-K+1")]

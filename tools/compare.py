@@ -81,7 +81,7 @@ _LOADING_RE = re.compile(r"^Loading from (\S+)")            # the original's fin
 _CONFIG_KEYS = ("dataset", "data_path", "train_stage", "script", "pretrained_file", "seed", "modal_type",
                 "eval_topk_plus_one", "note", "model", "kmeans_mode")
 _RESULT_RE = re.compile(
-    r"^(best valid|test result)\s*(\(original top-K\+1\))?\s*:\s*(.*)$")
+    r"^(best valid|test result)\s*(\((?:original top-K\+1|exact top-K)\))?\s*:\s*(.*)$")
 _PAIR_RE = re.compile(r"\(\s*['\"]([^'\"]+)['\"]\s*,\s*(?:[A-Za-z_][\w.]*\()?\s*([-+0-9.eE]+|nan|inf)\s*\)?\s*\)")
 
 
@@ -141,6 +141,14 @@ class LogRun:
     def pretrained(self) -> int:
         value = self.config.get("pretrained_file", "").strip().strip("'\"")
         return 0 if value in ("", "None", "null", "none") else 1
+
+    def test_in(self, convention: str) -> Optional[Dict[str, float]]:
+        """The test metrics in one convention, 'exact' or 'original' (top-K+1), or None. The line
+        ``test result:`` is in the convention the run selected on (the original's: top-K+1)."""
+        labelled = self.results.get("test_exact" if convention == "exact" else "test_orig")
+        if labelled is not None or "test" not in self.results:
+            return labelled
+        return self.results["test"] if bool(self.topk_plus_one) == (convention == "original") else None
 
     @property
     def test_metrics(self) -> Tuple[Optional[Dict[str, float]], str]:
@@ -223,7 +231,7 @@ def parse_log(path: str) -> LogRun:
         if m:
             kind = "valid" if m.group(1) == "best valid" else "test"
             if m.group(2):
-                kind += "_orig"
+                kind += "_exact" if "exact" in m.group(2) else "_orig"
             metrics = parse_metric_dict(m.group(3))
             if metrics is None:
                 raise FormatError(path, lineno, f"expected '{m.group(1)}{' ' + m.group(2) if m.group(2) else ''}"
@@ -582,8 +590,8 @@ def run_table(logs: List[str]) -> List[str]:
         times = [t for r in runs for _, t, _ in r.train_curve]
         per_epoch = f"{sum(times) / len(times):.2f}" if times else "-"
         n_epochs = f"{sum(epochs) / len(epochs):g}" if any(epochs) else "-"
-        for kind, convention in (("test", "exact top-K"), ("test_orig", "original top-K+1")):
-            have = [r.results[kind] for r in runs if kind in r.results]
+        for kind, convention in (("exact", "exact top-K"), ("original", "original top-K+1")):
+            have = [m for m in (r.test_in(kind) for r in runs) if m is not None]
             if have:
                 cells = [_mean_spread([m[c] for m in have if c in m]) for c in cols]
                 lines.append("| " + " | ".join([*key, convention, str(len(have)), *cells, n_epochs, per_epoch]) + " |")
@@ -625,9 +633,9 @@ def paired_table(logs: List[str]) -> List[str]:
     for key, by_seed in sorted(pretrained.items()):
         pairs = [(run, scratch[key[:4] + (seed,)]) for seed, run in sorted(by_seed.items())
                  if key[:4] + (seed,) in scratch]
-        for kind, convention in (("test", "exact top-K"), ("test_orig", "original top-K+1")):
-            diffs = [{c: a.results[kind][c] - b.results[kind][c] for c in cols}
-                     for a, b in pairs if kind in a.results and kind in b.results]
+        for kind, convention in (("exact", "exact top-K"), ("original", "original top-K+1")):
+            diffs = [{c: a.test_in(kind)[c] - b.test_in(kind)[c] for c in cols}
+                     for a, b in pairs if a.test_in(kind) and b.test_in(kind)]
             if len(diffs) < 2:
                 continue
             cells = []
