@@ -331,21 +331,8 @@ def decoder_layer(layer, x, packer, key_padding_mask, memory, query_rows=None, q
 # ---------------------------------------------------------------- the model on packed tokens
 def seq_output(model, item_seq, item_seq_len, modal_emb, empty_masks, interest_ids, interest_table,
                pad_len=None, width_max=None):
-    """Interest-aware sequence representation (SPEC 3.2).
-
-    Args (item_seq, item_seq_len, empty_masks and interest_ids on the host):
-        item_seq: long [B, L] left-aligned item ids, 0 = PAD.
-        item_seq_len: long [B].
-        modal_emb: {modality: (table float [R, H], index long [B, L])} on the model's device:
-            the adapted feature of position (b, l) is table[index[b, l]].
-        empty_masks: {modality: bool [B, L]} True where the modality is missing.
-        interest_ids: long [B, X] interest ids of the sequence (0 = PAD interest).
-        interest_table: float [K+1, H] interest embeddings (row 0 = PAD).
-        pad_len: the padded sequence length of the original code (the longest
-            history of the dataset); only the regulariser depends on it.
-    Returns:
-        (s float [B, H] L2-normalised, reg scalar tensor).
-    """
+    """`MISSRec.seq_output` (SPEC 3.2) on packed tokens: the same arguments (item_seq, item_seq_len,
+    empty_masks and interest_ids on the host) and the same (s [B, H], reg), without `attention`."""
     memory, reg = _encode_interests(model, item_seq, item_seq_len, interest_ids, interest_table, pad_len,
                                     width_max)
     tokens, packer, key_mask, query_rows, query_packer, n_out = _decoder_tokens(
