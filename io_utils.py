@@ -115,9 +115,14 @@ class AtomicGroup:
 
 
 def run_main(fn: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
-    """Call ``fn(argv)``; turn a ToolError into ``error: ...`` on stderr and exit code 2."""
+    """Call ``fn(argv)``; turn a ToolError into ``error: ...`` on stderr and exit code 2. A reader
+    that closes the pipe early (``compare.py ... | head``) ends the tool quietly."""
     try:
         return fn(argv) or 0
+    except BrokenPipeError:
+        # Python's recipe: point stdout at devnull so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -371,3 +371,18 @@ def test_table_reads_each_convention_from_its_own_line(tmp_path, capsys):
     assert rows[("MISSRec", "original top-K+1")] == ["0.3000", "0.2000"]
     original = [k for k in rows if k[0].startswith("MISSRec (original")]
     assert original == [("MISSRec (original code)", "original top-K+1")]
+
+
+def test_reader_closing_the_pipe_early_ends_quietly():
+    """``compare.py --logs reference_log | head -1``: no traceback, exit code 1 (the report, about
+    300 kB, is larger than a pipe holds, so the tool is still writing when the reader leaves)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "compare.py"), "--logs", os.path.join(REPO, "reference_log")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout.readline().startswith(b"==")
+    proc.stdout.close()  # the reader goes away with most of the report unwritten
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
