@@ -11,7 +11,9 @@
 #   SEEDS="2020 2021 2022 2023 2024" MODES="original lloyd" (the defaults)
 #   SCI_DATA=../shared/datasets/downstream (where Scientific_mini is)
 # Logs and the table go to log/transfer_btg-TIME/ (TRANSFER_LOG_DIR to choose); each pre-trained
-# run's -note names its checkpoint.
+# run's -note names its checkpoint. A run whose note, stage and seed already have a finished log
+# (one with its test result) in that folder is skipped, so pointing TRANSFER_LOG_DIR at an
+# interrupted or smaller earlier protocol completes it (extra --key=value arguments are not compared).
 cd "$(dirname "$0")/.." || exit 1
 if [[ $1 =~ ^[0-9]+(,[0-9]+)*$ ]]; then export CUDA_VISIBLE_DEVICES=$1; shift; fi
 CKPTS=${CKPTS:-pretrained/MISSRec-BTG_text-10-orig4.pth}
@@ -26,18 +28,26 @@ for ckpt in $CKPTS; do
 done
 mkdir -p "$LOG_DIR"
 set -e
+finished() {  # finished NOTE STAGE SEED: LOG_DIR holds a log of that run with its test result
+    local log
+    for log in "$LOG_DIR/MISSRec-Scientific_mini-$1-$2_ft-"*.log; do
+        [ -f "$log" ] && grep -qx "seed = $3" "$log" && grep -q "test result" "$log" && return 0
+    done
+    return 1
+}
 run() {
+    finished "$NOTE" "$MODE" "$SEED" && { echo "done before: $NOTE $MODE seed $SEED"; return 0; }
     python finetune.py -d Scientific_mini --data_path="${SCI_DATA:-../shared/datasets/downstream}" \
         --plm_suffix=feat1MiniLM --plm_size=384 --modal_type=text --eval_topk_plus_one=True \
-        --show_progress=False --log_dir="$LOG_DIR" "$@"
+        --show_progress=False --log_dir="$LOG_DIR" -mode "$MODE" -note "$NOTE" --seed="$SEED" "$@"
 }
-for seed in $SEEDS; do
+for SEED in $SEEDS; do
     for kmeans in $MODES; do
-        for mode in transductive inductive; do
-            run -mode $mode -note "scratch-$kmeans" --kmeans_mode=$kmeans --seed=$seed "$@"
+        for MODE in transductive inductive; do
+            NOTE=scratch-$kmeans run --kmeans_mode=$kmeans "$@"
             for ckpt in $CKPTS; do
                 name=$(basename "$ckpt" .pth)
-                run -mode $mode -p "$ckpt" -note "${name#MISSRec-}-$kmeans" --kmeans_mode=$kmeans --seed=$seed "$@"
+                NOTE=${name#MISSRec-}-$kmeans run -p "$ckpt" --kmeans_mode=$kmeans "$@"
             done
         done
     done

@@ -91,3 +91,34 @@ def test_demo_pretrain_script_pretrains_then_finetunes_from_its_checkpoint(tmp_p
     finetune_log = next((tmp_path / 'log').glob('MISSRec-Demo-transductive_ft-*.log')).read_text()
     assert f"Loading pre-trained model from {tmp_path / 'saved' / 'MISSRec-DemoPT-1-demo.pth'}" in finetune_log
     assert 'test result' in finetune_log
+
+
+def test_transfer_script_skips_the_runs_its_log_folder_already_finished(tmp_path):
+    """scripts/transfer_btg.sh completes an interrupted protocol: a (note, stage, seed) with a log
+    that reached its test result is not run again; an unfinished log or another seed is."""
+    fake = tmp_path / 'python'                                 # stands in for python: one line per call
+    fake.write_text('#!/bin/bash\necho "CALL $*"\n')
+    fake.chmod(0o755)
+    ckpt = tmp_path / 'MISSRec-X-10.pth'
+    ckpt.write_bytes(b'')
+    logs = tmp_path / 'logs'
+    logs.mkdir()
+    (logs / 'MISSRec-Scientific_mini-scratch-lloyd-transductive_ft-Dec-02-2026_10-00-00-aaaaaa.log').write_text(
+        'seed = 2020\nkmeans_mode = lloyd\n... INFO  test result: OrderedDict()\n')
+    (logs / 'MISSRec-Scientific_mini-X-10-lloyd-transductive_ft-Dec-02-2026_10-05-00-bbbbbb.log').write_text(
+        'seed = 2020\n... INFO  epoch 3 training\n')           # interrupted: run again
+    (logs / 'MISSRec-Scientific_mini-scratch-lloyd-inductive_ft-Dec-02-2026_10-09-00-cccccc.log').write_text(
+        'seed = 2021\n... INFO  test result: OrderedDict()\n')  # another seed: run this one
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", CKPTS=str(ckpt), SEEDS='2020',
+               MODES='lloyd', TRANSFER_LOG_DIR=str(logs))
+    out = subprocess.run(['bash', 'scripts/transfer_btg.sh', '--epochs=2'], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    runs = [re.search(r'-mode (\S+) -note (\S+) --seed=(\d+)', line).groups()
+            for line in out.stdout.splitlines() if line.startswith('CALL finetune.py')]
+    assert runs == [('transductive', 'X-10-lloyd', '2020'), ('inductive', 'scratch-lloyd', '2020'),
+                    ('inductive', 'X-10-lloyd', '2020')]
+    assert 'done before: scratch-lloyd transductive seed 2020' in out.stdout
+    calls = [line for line in out.stdout.splitlines() if line.startswith('CALL finetune.py')]
+    assert all(line.endswith('--kmeans_mode=lloyd --epochs=2') for line in calls)
+    assert all(f'-p {ckpt}' in line for line in calls if '-note X-10' in line)
