@@ -114,11 +114,10 @@ def test_transfer_script_skips_the_runs_its_log_folder_already_finished(tmp_path
     out = subprocess.run(['bash', 'scripts/transfer_btg.sh', '--epochs=2'], cwd=ROOT, capture_output=True,
                          text=True, env=env, timeout=30)
     assert out.returncode == 0, out.stderr
-    runs = [re.search(r'-mode (\S+) -note (\S+) --seed=(\d+)', line).groups()
-            for line in out.stdout.splitlines() if line.startswith('CALL finetune.py')]
+    calls = [line for line in out.stdout.splitlines() if line.startswith('CALL finetune.py')]
+    runs = [re.search(r'-mode (\S+) -note (\S+) --seed=(\d+)', line).groups() for line in calls]
     assert runs == [('transductive', 'X-10-lloyd', '2020'), ('inductive', 'scratch-lloyd', '2020'),
                     ('inductive', 'X-10-lloyd', '2020')]
     assert 'done before: scratch-lloyd transductive seed 2020' in out.stdout
-    calls = [line for line in out.stdout.splitlines() if line.startswith('CALL finetune.py')]
     assert all(line.endswith('--kmeans_mode=lloyd --epochs=2') for line in calls)
     assert all(f'-p {ckpt}' in line for line in calls if '-note X-10' in line)

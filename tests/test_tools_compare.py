@@ -1,6 +1,8 @@
 """Tests for tools/compare.py on small logs written here."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -376,8 +378,6 @@ def test_table_reads_each_convention_from_its_own_line(tmp_path, capsys):
 def test_reader_closing_the_pipe_early_ends_quietly():
     """``compare.py --logs reference_log | head -1``: no traceback, exit code 1 (the report, about
     300 kB, is larger than a pipe holds, so the tool is still writing when the reader leaves)."""
-    import subprocess
-    import sys
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tools", "compare.py"), "--logs", os.path.join(REPO, "reference_log")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
