@@ -328,9 +328,10 @@ def test_malformed_valid_result(tmp_path, capsys):
     assert "bad.log:5: expected 'metric : value' pairs after 'valid result:'" in capsys.readouterr().err
 
 
-def _seed_log(seed, ndcg, pretrained='', kmeans='lloyd', stage='inductive_ft'):
+def _seed_log(seed, ndcg, pretrained='', kmeans='lloyd', stage='inductive_ft', note=None):
+    note = note or ('pt' if pretrained else 'scratch')
     return (f"{TS}\ndataset = Scientific_mini\ntrain_stage = {stage}\nmodel = MISSRec\nseed = {seed}\n"
-            f"kmeans_mode = {kmeans}\npretrained_file = {pretrained}\nnote = {'pt' if pretrained else 'scratch'}\n"
+            f"kmeans_mode = {kmeans}\npretrained_file = {pretrained}\nnote = {note}\n"
             f"{TS}test result: OrderedDict([('hit@10', 0.2), ('hit@50', 0.3), ('ndcg@10', {ndcg}), ('ndcg@50', 0.1)])\n")
 
 
@@ -353,6 +354,25 @@ def test_paired_differences_by_seed_with_a_t_interval(tmp_path, capsys):
     assert cells[7].startswith("+0.0000 ± 0.0000") and cells[-1] == "3 of 3"
     assert compare.main(["--logs", str(tmp_path / "s1.log"), "--paired"]) != 0   # nothing to pair
     assert "no pre-trained run has a run from scratch" in capsys.readouterr().err
+
+
+def test_paired_against_another_pretraining(tmp_path, capsys):
+    """--paired --baseline TEXT: each pre-trained run minus the pre-trained run of the same seed and
+    kmeans_mode whose note contains TEXT; the runs from scratch are left out of the pairs."""
+    for seed, (base, other) in {1: (0.050, 0.053), 2: (0.060, 0.061), 3: (0.055, 0.057)}.items():
+        (tmp_path / f"s{seed}.log").write_text(_seed_log(seed, 0.9))
+        (tmp_path / f"a{seed}.log").write_text(_seed_log(seed, base, pretrained='a.pth', note='pt-orig4'))
+        (tmp_path / f"b{seed}.log").write_text(_seed_log(seed, other, pretrained='b.pth', note='pt-sync'))
+    assert compare.main(["--logs", str(tmp_path), "--paired", "--baseline", "orig4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "top-K |" in line]
+    assert len(rows) == 1 and "| pt-sync |" in rows[0]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[8] == "+0.0020 ± 0.0010 [-0.0005, +0.0045]" and cells[-1] == "3 of 3"
+    (tmp_path / "a1-again.log").write_text(_seed_log(1, 0.07, pretrained='a.pth', note='pt-orig4'))
+    assert compare.main(["--logs", str(tmp_path), "--paired", "--baseline", "orig4"]) == 2
+    assert "a second run whose note contains 'orig4'" in capsys.readouterr().err
+    assert compare.main(["--logs", str(tmp_path), "--paired", "--baseline", "nothing"]) == 2
+    assert "no pre-trained run has a run whose note contains 'nothing'" in capsys.readouterr().err
 
 
 def test_table_reads_each_convention_from_its_own_line(tmp_path, capsys):

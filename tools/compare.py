@@ -42,7 +42,9 @@ deviation), the number of runs, epochs and seconds per training epoch.
 ``--paired`` prints what pre-training changed instead (scripts/transfer_btg.sh): each
 pre-trained run minus the run from scratch with the same model, dataset, stage, kmeans_mode
 and seed, the differences of the test metrics over the seeds as mean ± standard deviation and
-a 95% interval (Student's t), in both conventions, and in how many pairs N@10 rose.
+a 95% interval (Student's t), in both conventions, and in how many pairs N@10 rose. With
+``--baseline TEXT`` the other side of each pair is the pre-trained run whose note contains TEXT
+instead of the run from scratch (one pre-training against another, e.g. ``--baseline orig4``).
 """
 
 from __future__ import annotations
@@ -612,9 +614,10 @@ def mean_interval(values: List[float]) -> Tuple[float, float, float]:
     return mean, sd, t * sd / n ** 0.5
 
 
-def paired_table(logs: List[str]) -> List[str]:
-    """One markdown table of pre-trained minus from-scratch test metrics, paired by seed (``--paired``)."""
-    scratch: Dict[Tuple[str, ...], LogRun] = {}
+def paired_table(logs: List[str], baseline: Optional[str] = None) -> List[str]:
+    """One markdown table of pre-trained minus from-scratch test metrics, paired by seed (``--paired``);
+    with ``baseline``, minus the pre-trained run whose note contains it."""
+    scratch: Dict[Tuple[str, ...], LogRun] = {}   # the other side of the pairs, by key and seed
     pretrained: Dict[Tuple[str, ...], Dict[str, LogRun]] = {}
     for path in collect_logs(logs):
         run = parse_log(path)
@@ -622,10 +625,17 @@ def paired_table(logs: List[str]) -> List[str]:
             continue
         cfg = {k: run.config.get(k, "").strip("'\"") for k in ("model", "kmeans_mode", "seed", "note")}
         key = (cfg["model"] or "MISSRec", run.dataset or "?", run.stage or "?", cfg["kmeans_mode"] or "?")
-        if run.pretrained:
-            pretrained.setdefault(key + (cfg["note"],), {})[cfg["seed"]] = run
+        if baseline is None:
+            is_base = not run.pretrained
         else:
+            is_base = run.pretrained and baseline in cfg["note"]
+            if is_base and key + (cfg["seed"],) in scratch:
+                raise ToolError(f"{path}: a second run whose note contains {baseline!r} for {'/'.join(key)}, "
+                                f"seed {cfg['seed']} (expected one to pair with)")
+        if is_base:
             scratch[key + (cfg["seed"],)] = run
+        elif run.pretrained:
+            pretrained.setdefault(key + (cfg["note"],), {})[cfg["seed"]] = run
     cols = ("hit@10", "ndcg@10", "hit@50", "ndcg@50")
     header = ["model", "dataset", "stage", "kmeans", "pre-trained run", "convention", "pairs",
               *("Δ" + n.replace("hit", "R").replace("ndcg", "N") for n in cols), "N@10 rose"]
@@ -645,7 +655,8 @@ def paired_table(logs: List[str]) -> List[str]:
             rose = sum(d["ndcg@10"] > 0 for d in diffs)
             lines.append("| " + " | ".join([*key, convention, str(len(diffs)), *cells, f"{rose} of {len(diffs)}"]) + " |")
     if len(lines) == 2:
-        raise ToolError("no pre-trained run has a run from scratch with the same model, dataset, stage, "
+        other = "a run from scratch" if baseline is None else f"a run whose note contains {baseline!r}"
+        raise ToolError(f"no pre-trained run has {other} with the same model, dataset, stage, "
                         "kmeans_mode and seed (at least 2 pairs)")
     return lines
 
@@ -667,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "listed runs, grouped by model/dataset/stage/note (mean ± spread over repeated runs)")
     p.add_argument("--paired", action="store_true", help="only one markdown table of pre-trained minus "
                    "from-scratch test metrics, paired by seed (mean ± sd [95%% interval])")
+    p.add_argument("--baseline", default=None, metavar="TEXT", help="with --paired: pair with the pre-trained "
+                   "run whose note contains TEXT instead of the run from scratch")
     return p
 
 
@@ -674,7 +687,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def _run(a):
         args = build_parser().parse_args(a)
         if args.table or args.paired:
-            print("\n".join(paired_table(args.logs) if args.paired else run_table(args.logs)))
+            print("\n".join(paired_table(args.logs, args.baseline) if args.paired else run_table(args.logs)))
             return 0
         compare(args.logs, args.reference, args.plot, args.original, args.cross_dataset, not args.no_curves)
         return 0
