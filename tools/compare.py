@@ -617,7 +617,7 @@ def mean_interval(values: List[float]) -> Tuple[float, float, float]:
 def paired_table(logs: List[str], baseline: Optional[str] = None) -> List[str]:
     """One markdown table of pre-trained minus from-scratch test metrics, paired by seed (``--paired``);
     with ``baseline``, minus the pre-trained run whose note contains it."""
-    scratch: Dict[Tuple[str, ...], LogRun] = {}   # the other side of the pairs, by key and seed
+    base: Dict[Tuple[str, ...], LogRun] = {}   # the other side of the pairs (scratch or baseline), by key and seed
     pretrained: Dict[Tuple[str, ...], Dict[str, LogRun]] = {}
     for path in collect_logs(logs):
         run = parse_log(path)
@@ -629,11 +629,11 @@ def paired_table(logs: List[str], baseline: Optional[str] = None) -> List[str]:
             is_base = not run.pretrained
         else:
             is_base = run.pretrained and baseline in cfg["note"]
-            if is_base and key + (cfg["seed"],) in scratch:
+            if is_base and key + (cfg["seed"],) in base:
                 raise ToolError(f"{path}: a second run whose note contains {baseline!r} for {'/'.join(key)}, "
                                 f"seed {cfg['seed']} (expected one to pair with)")
         if is_base:
-            scratch[key + (cfg["seed"],)] = run
+            base[key + (cfg["seed"],)] = run
         elif run.pretrained:
             pretrained.setdefault(key + (cfg["note"],), {})[cfg["seed"]] = run
     cols = ("hit@10", "ndcg@10", "hit@50", "ndcg@50")
@@ -641,8 +641,8 @@ def paired_table(logs: List[str], baseline: Optional[str] = None) -> List[str]:
               *("Δ" + n.replace("hit", "R").replace("ndcg", "N") for n in cols), "N@10 rose"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, by_seed in sorted(pretrained.items()):
-        pairs = [(run, scratch[key[:4] + (seed,)]) for seed, run in sorted(by_seed.items())
-                 if key[:4] + (seed,) in scratch]
+        pairs = [(run, base[key[:4] + (seed,)]) for seed, run in sorted(by_seed.items())
+                 if key[:4] + (seed,) in base]
         for kind, convention in (("exact", "exact top-K"), ("original", "original top-K+1")):
             diffs = [{c: a.test_in(kind)[c] - b.test_in(kind)[c] for c in cols}
                      for a, b in pairs if a.test_in(kind) and b.test_in(kind)]
