@@ -625,15 +625,16 @@ def paired_table(logs: List[str], baseline: Optional[str] = None) -> List[str]:
             continue
         cfg = {k: run.config.get(k, "").strip("'\"") for k in ("model", "kmeans_mode", "seed", "note")}
         key = (cfg["model"] or "MISSRec", run.dataset or "?", run.stage or "?", cfg["kmeans_mode"] or "?")
+        pair_key = key + (cfg["seed"],)
         if baseline is None:
             is_base = not run.pretrained
         else:
             is_base = run.pretrained and baseline in cfg["note"]
-            if is_base and key + (cfg["seed"],) in base:
+            if is_base and pair_key in base:
                 raise ToolError(f"{path}: a second run whose note contains {baseline!r} for {'/'.join(key)}, "
                                 f"seed {cfg['seed']} (expected one to pair with)")
         if is_base:
-            base[key + (cfg["seed"],)] = run
+            base[pair_key] = run
         elif run.pretrained:
             pretrained.setdefault(key + (cfg["note"],), {})[cfg["seed"]] = run
     cols = ("hit@10", "ndcg@10", "hit@50", "ndcg@50")
